@@ -1,0 +1,35 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="kiln",
+    version="0.1.0",
+    description="Plan, launch and run distributed LLM pretraining",
+    packages=find_packages(include=["kiln", "kiln.*"]),
+    package_data={"kiln": ["py.typed"]},
+    python_requires=">=3.10",
+    # Ranges that torch 2.13.0 satisfies: install torch==2.13.0 first so pip never
+    # resolves a CUDA build on a CPU machine.
+    install_requires=[
+        "torch>=2.6,<2.14",
+        "omegaconf>=2.3",
+        "webdataset>=0.2.100",
+        "numpy>=1.24",
+        "safetensors>=0.4",
+        "tokenizers>=0.19",
+        "tqdm>=4.60",
+        "tensorboard>=2.14",
+        "pyarrow>=14",
+        "matplotlib>=3.7",
+        "scipy>=1.10",
+    ],
+    extras_require={
+        "gpu": ["flash-attn>=2.6"],
+        "deepspeed": ["deepspeed>=0.15"],
+        "mpi": ["mpi4py>=4.0", "mpich"],
+        "megatron": ["megatron-core>=0.12"],
+        "hf": ["transformers>=4.45"],
+        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "megatron-core>=0.12",
+                "mpi4py>=4.0", "mpich", "deepspeed>=0.15"],
+    },
+    entry_points={"console_scripts": ["kiln=kiln.cli:main"]},
+)
