@@ -81,6 +81,7 @@ class DataConfig:
     path: Optional[str] = None  # a `kiln data prepare` output directory
     mixture: list = field(default_factory=list)  # [{path, weight}] instead of path
     synthetic: Optional[str] = None  # "markov": a random order-1 Markov chain (tests)
+    synthetic_vocab: int = 64  # tokens the Markov chain uses (<= model.vocab_size)
     seq_len: int = 128
     num_workers: int = 1
     shuffle_buffer: int = 256
@@ -299,6 +300,11 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
     _check(d.synthetic in (None, "markov"), "data.synthetic", f"{d.synthetic!r} is not one of markov")
+    if d.synthetic:
+        _check(0 < d.synthetic_vocab <= m.vocab_size, "data.synthetic_vocab",
+               f"{d.synthetic_vocab} must be in 1..model.vocab_size={m.vocab_size}")
+    else:
+        _check(bool(d.path or d.mixture), "data.path", "set data.path (or data.mixture, or data.synthetic=markov)")
     t = cfg.train
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")

@@ -1,0 +1,216 @@
+"""The training loop: step, accumulation, schedule, metrics, eval, checkpoint, resume.
+
+Every worker runs `train(cfg)`. Rank discovery comes from kiln.launcher, the layout from
+kiln.parallel (this file never touches a mesh dim itself), batches from kiln.data and
+checkpoints from kiln.checkpoint, so the loop reads the same for one CPU process and for a
+3-D parallel job.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kiln.checkpoint.manager import CheckpointManager
+from kiln.config import Config, ConfigError, config_hash, to_yaml
+from kiln.errors import KilnError
+from kiln.metrics import MetricsLogger, device_peak_flops, mfu
+from kiln.model import Transformer, flops_per_token
+from kiln.optim import build_optimizer, lr_at, set_lr
+
+log = logging.getLogger("kiln.train")
+
+
+class NonFiniteLoss(KilnError):
+    pass
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return Path(cfg.train.run_dir) / cfg.train.name
+
+
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-steps per optimizer step so that a step sees train.global_batch_tokens tokens."""
+    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
+    target = cfg.train.global_batch_tokens
+    if target is None:
+        return 1
+    if target % per_micro:
+        raise ConfigError("train.global_batch_tokens",
+                          f"{target} is not a multiple of micro_batch*seq_len*dp = {per_micro}")
+    return target // per_micro
+
+
+def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
+    """The batch stream for one DP rank: the Markov oracle source, or prepared shards."""
+    micro = cfg.train.micro_batch
+    if cfg.data.synthetic == "markov":
+        from kiln.data.synthetic import MarkovLoader, MarkovSource
+
+        source = MarkovSource(cfg.data.synthetic_vocab, seed=cfg.data.seed)
+        return MarkovLoader(source, seq_len=cfg.data.seq_len, micro_batch=micro, seed=cfg.data.seed,
+                            dp_rank=dp_rank, split=split,
+                            max_batches=None if split == "train" else cfg.train.eval_steps)
+    from kiln.data.loader import build_loader as build_shard_loader
+
+    return build_shard_loader(cfg.data, split=split, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
+                              vocab_size=cfg.model.vocab_size)
+
+
+def _init_distributed(world_size: int, device_type: str) -> None:
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+
+
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if any rank says so (stop requests must be collective decisions)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training to cfg.train.steps. Returns a summary for the caller."""
+    from kiln.launcher.bootstrap import detect_rank
+    from kiln.launcher.signals import install_requeue_handler
+    from kiln.parallel import setup_parallel
+    from kiln.parallel.runtime import pick_device
+
+    info = detect_rank()
+    _init_distributed(info.world_size, pick_device(cfg.train.device).type)
+    rank = info.rank
+    run_dir = run_dir_of(cfg)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        if cfg.data.synthetic is None:
+            from kiln.data.prepare import ensure_prepared
+
+            ensure_prepared(cfg.data)
+    if dist.is_initialized():
+        dist.barrier()
+
+    torch.manual_seed(cfg.train.seed)
+    if info.world_size > 1:
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
+    else:
+        model = Transformer(cfg.model)
+    rt = setup_parallel(cfg, model, info.world_size, rank)
+    optimizers = rt.build_optimizers(cfg) if hasattr(rt, "build_optimizers") else [
+        build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1) for part in rt.model_parts]
+    accum = grad_accum_steps(cfg, rt.dp_size)
+    step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
+
+    train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    step, tokens = 0, 0
+    resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
+    if resume_from is not None:
+        meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg))
+        step, tokens = meta["step"], meta["tokens"]
+        states = meta.get("data_state") or {}
+        if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
+            train_loader.load_state_dict(states[str(rt.dp_rank)])
+        elif states:  # a different DP size: the data package maps old positions onto the new ranks
+            from kiln.data.loader import remap_data_state
+
+            train_loader.load_state_dict(remap_data_state(states, rt.dp_rank, rt.dp_size))
+        if rank == 0:
+            print(f"resumed from {resume_from} at step {step}", flush=True)
+    elif cfg.checkpoint.init_from:
+        ckpt.load(Path(cfg.checkpoint.init_from), rt.model_parts, None, config_hash(cfg))
+
+    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = device_peak_flops(rt.device)
+    logger = MetricsLogger(run_dir, cfg.train.steps, step, cfg.logging.tensorboard,
+                           cfg.logging.progress) if rank == 0 else None
+    stop = install_requeue_handler()
+    start_time = last_log_time = time.time()
+    last_log_step, last_saved, stopped_early = step, None, False
+    batches = iter(train_loader)
+    if rank == 0:
+        print(f"run directory: {run_dir.resolve()}", flush=True)
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved
+        if cfg.checkpoint.enabled and last_saved != at_step:
+            meta = {"tokens": tokens, "config_hash": config_hash(cfg), "dp_size": rt.dp_size}
+            ckpt.save(at_step, rt.model_parts, optimizers, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg))
+            last_saved = at_step
+
+    try:
+        while step < cfg.train.steps:
+            lr = lr_at(step, cfg.train.steps, cfg.optim)
+            set_lr(optimizers, lr)
+            losses = []
+            for _ in range(accum):
+                loss = rt.forward_backward(next(batches), 1.0 / accum)
+                if loss is not None:
+                    losses.append(float(loss))
+            grad_norm = rt.clip_grad_norm_(cfg.optim.grad_clip)
+            loss = rt.reduce_mean(sum(losses) / len(losses) if losses else None)
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                good = ckpt.find_resumable()
+                raise NonFiniteLoss(f"non-finite loss {loss} (grad_norm {grad_norm}) at step {step + 1}; "
+                                    f"stopped before the optimizer step; last good checkpoint: {good or 'none'}")
+            rt.optimizer_step(optimizers)
+            step += 1
+            tokens += step_tokens
+            ckpt.poll()
+            if logger:
+                logger.advance()
+            if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                now = time.time()
+                tps = (step - last_log_step) * step_tokens / max(now - last_log_time, 1e-9)
+                if logger:
+                    logger.log({"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                                "tokens_per_s": tps, "mfu": mfu(tps, fpt, info.world_size, peak)})
+                last_log_step, last_log_time = step, now
+            if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
+                eval_loss = evaluate(cfg, rt)
+                if logger and eval_loss is not None:
+                    logger.log({"step": step, "tokens": tokens, "eval_loss": eval_loss}, prefix="eval")
+            out_of_time = cfg.train.max_time_s is not None and time.time() - start_time > cfg.train.max_time_s
+            if _any_rank(stop.requested or out_of_time):
+                save(step)
+                stopped_early = step < cfg.train.steps
+                break
+            if step % cfg.checkpoint.every == 0:
+                save(step)
+        save(step)
+        ckpt.wait()
+    finally:
+        if logger:
+            logger.close()
+    summary = {"step": step, "tokens": tokens, "run_dir": str(run_dir), "stopped_early": stopped_early,
+               "requeue": stop.requested, "seconds": time.time() - start_time}
+    if rank == 0:
+        print(f"done: step {step}, {tokens:,} tokens in {summary['seconds']:.1f}s; run directory: "
+              f"{run_dir.resolve()}", flush=True)
+    return summary
+
+
+def evaluate(cfg: Config, rt) -> float | None:
+    """Mean loss over cfg.train.eval_steps held-out batches (the same batches every time)."""
+    try:
+        loader = build_loader(cfg, "val", rt.dp_rank, rt.dp_size)
+    except KilnError as exc:
+        log.warning("no evaluation: %s", exc)
+        return None
+    losses = []
+    for i, batch in enumerate(loader):
+        if i >= cfg.train.eval_steps:
+            break
+        loss = rt.eval_loss(batch)
+        if loss is not None:
+            losses.append(float(loss))
+    value = rt.reduce_mean(sum(losses) / len(losses) if losses else None)
+    return value if math.isfinite(value) else None
