@@ -1,0 +1,117 @@
+"""Per-GPU memory estimate for one layout, term by term, in bytes.
+
+Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
+  weights     bf16 working copy, 2 B/param
+  grads       4 B/param (fp32 reduce, as kiln's FSDP2 policy) or 2 B (bf16)
+  optimizer   fp32 master + Adam m + v, 12 B/param
+  activations Korthikanti et al. 2022 (arXiv 2205.05198) per layer, times layers per stage,
+              times micro-batches in flight (1F1B: min(pp, microbatches) on the first stage)
+  logits      the output layer's 4 s b V / t bytes (Korthikanti sec. 4.3)
+  comm        FSDP all-gather of two unsharded bf16 layers (current + prefetch) and one fp32
+              reduce-scatter layer; DDP/ZeRO-1/2 gradient buckets (2 x 25 MB); TP/SP and
+              pipeline send/receive buffers of 2 s b h bytes each.
+Parameters are split by TP (matrices; norms replicated) and PP (layers; embedding on the first
+stage, output on the last); ZeRO stage z shards optimizer (z>=1), grads (z>=2) and weights (z=3)
+over the data-parallel shard degree. The worst stage is assumed to hold both the first stage's
+activations and the last stage's logits (conservative when pp > 1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kiln.config import ModelConfig, ffn_dim
+
+GIB = 2 ** 30
+DDP_BUCKETS = 2 * 25 * 2 ** 20  # torch DDP default bucket_cap_mb=25, two in flight
+
+
+@dataclass
+class Layout:
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1  # total data-parallel degree (replicate x shard)
+    dp_shard: int | None = None  # ZeRO/FSDP shard degree; None: equal to dp
+    zero: int = 3  # 3 for FSDP (kiln's native engine), DeepSpeed's zero_stage otherwise
+    micro_batch: int = 1  # sequences per pipeline micro-batch (per forward)
+    pp_microbatches: int = 1  # pipeline micro-batches per step (1 when pp == 1)
+    grad_accum: int = 1
+    activation_checkpoint: str = "none"  # none | selective | full
+    sequence_parallel: bool = True
+    schedule: str = "1f1b"
+
+    @property
+    def shard(self) -> int:
+        return self.dp if self.dp_shard is None else self.dp_shard
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+
+def layer_matrix_params(m: ModelConfig) -> int:
+    d = m.d_model
+    d_kv = (m.n_kv_heads or m.n_heads) * (d // m.n_heads)
+    return 2 * d * d + 2 * d * d_kv + 3 * d * ffn_dim(m)
+
+
+def stage_params(m: ModelConfig, tp: int, pp: int) -> float:
+    """Parameters held by one GPU of the largest pipeline stage before ZeRO sharding."""
+    layers = math.ceil(m.n_layers / pp)
+    per_layer = layer_matrix_params(m) / tp + 2 * m.d_model
+    tables = m.vocab_size * m.d_model / tp
+    if pp == 1:
+        edges = tables * (1 if m.tie_embeddings else 2) + m.d_model
+    else:
+        edges = tables + m.d_model  # the last stage: output matrix and final norm
+    return layers * per_layer + edges
+
+
+def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, tp: int,
+                               sequence_parallel: bool, checkpoint: str, flash: bool = True) -> float:
+    """Korthikanti et al. 2022, Table 2, with 16-bit activations. Flash attention stores no
+    s x s scores, so the 5 a s / h term is dropped when `flash`."""
+    s, b, h, a, t = seq_len, micro_batch, m.d_model, m.n_heads, tp
+    sbh = s * b * h
+    scores = 0.0 if flash else 5 * a * s / (h * t)
+    sp = sequence_parallel and t > 1
+    if checkpoint == "full":
+        return 2 * sbh / (t if sp else 1)
+    if t == 1:
+        return sbh * (34 + (0.0 if checkpoint == "selective" else 5 * a * s / h * (not flash)))
+    base = 34 / t if sp else 10 + 24 / t
+    return sbh * (base + (0.0 if checkpoint == "selective" else scores))
+
+
+def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: int = 4,
+                     flash: bool = True) -> dict[str, float]:
+    """Bytes per GPU for each term, plus 'total'."""
+    p = stage_params(m, layout.tp, layout.pp)
+    z, shard = layout.zero, layout.shard
+    weights = 2 * p / (shard if z >= 3 else 1)
+    grads = grad_bytes * p / (shard if z >= 2 else 1)
+    optimizer = 12 * p / (shard if z >= 1 else 1)
+
+    b, t = layout.micro_batch, layout.tp
+    per_layer = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel,
+                                           layout.activation_checkpoint, flash)
+    layers = math.ceil(m.n_layers / layout.pp)
+    if layout.pp == 1:
+        in_flight = 1
+    elif layout.schedule == "gpipe":
+        in_flight = layout.pp_microbatches
+    else:
+        in_flight = min(layout.pp, layout.pp_microbatches)
+    activations = layers * per_layer * in_flight
+    if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
+        activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none", flash)
+    logits = 4 * seq_len * b * m.vocab_size / t
+
+    layer_p = layer_matrix_params(m) / t
+    comm = (2 * 2 * layer_p + 4 * layer_p) if z >= 3 and shard > 1 else (DDP_BUCKETS if layout.dp > 1 else 0)
+    sbh2 = 2 * seq_len * b * m.d_model
+    comm += (sbh2 if t > 1 else 0) + (2 * sbh2 if layout.pp > 1 else 0)
+    terms = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
+             "logits": logits, "comm_buffers": comm}
+    terms["total"] = sum(terms.values())
+    return terms
