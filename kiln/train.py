@@ -104,8 +104,8 @@ def train(cfg: Config) -> dict:
     else:
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, info.world_size, rank)
-    optimizers = rt.build_optimizers(cfg) if hasattr(rt, "build_optimizers") else [
-        build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1) for part in rt.model_parts]
+    optimizers = rt.build_optimizers(
+        lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
 

@@ -115,7 +115,7 @@ class CheckpointManager:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
             self._pending = (future, tmp, final, meta, config_yaml)
         else:
-            dcp.save(state, checkpoint_id=str(tmp))
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
             _barrier()
             self._finalize(tmp, final, meta, config_yaml)
             _barrier()
@@ -166,7 +166,7 @@ class CheckpointManager:
         state: dict = {"model": model_state(model_parts)}
         if optimizers:
             state["optim"] = optim_state(model_parts, optimizers)
-        dcp.load(state, checkpoint_id=str(path))
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
         load_model_state(model_parts, state["model"])
         if optimizers:
             opts = StateDictOptions(flatten_optimizer_state_dict=True)

@@ -1,0 +1,110 @@
+"""Model oracles: attention backends agree with the explicit math reference; the exact parameter
+count matches the module; loss at init is about ln(vocab)."""
+import math
+
+import pytest
+import torch
+
+from kiln.config import ModelConfig, load_config
+from kiln.errors import KilnError
+from kiln.model import Transformer, count_params
+from kiln.model.attention import attention, resolve_backend
+from kiln.model.llama import apply_rope, rope_cache
+
+
+def _qkv(heads=4, kv_heads=2, seq=24, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, seq, heads, dim, generator=g, requires_grad=True)
+    k = torch.randn(2, seq, kv_heads, dim, generator=g, requires_grad=True)
+    v = torch.randn(2, seq, kv_heads, dim, generator=g, requires_grad=True)
+    return q, k, v
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2, 1])
+@pytest.mark.parametrize("block_causal", [False, True])
+def test_sdpa_matches_math_forward_and_backward(kv_heads, block_causal):
+    doc_ids = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 5 + [2] * 14]) if block_causal else None
+    grads = {}
+    outs = {}
+    for backend in ("math", "sdpa"):
+        q, k, v = _qkv(kv_heads=kv_heads)
+        out = attention(q, k, v, backend, doc_ids)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        outs[backend], grads[backend] = out.detach(), [t.grad for t in (q, k, v)]
+    assert (outs["sdpa"] - outs["math"]).abs().max() < 1e-5
+    for a, b in zip(grads["sdpa"], grads["math"]):
+        assert (a - b).abs().max() < 1e-5
+
+
+def test_math_attention_is_causal_and_block_causal():
+    q, k, v = _qkv(seq=8)
+    base = attention(q, k, v, "math")
+    v2 = v.detach().clone()
+    v2[:, 5:] += 100.0  # future positions must not affect earlier outputs
+    assert torch.allclose(attention(q, k, v2, "math")[:, :5], base[:, :5])
+    doc = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]] * 2)
+    v3 = v.detach().clone()
+    v3[:, :3] += 100.0  # the first document must not leak into the second
+    assert torch.allclose(attention(q, k, v3, "math", doc)[:, 3:], attention(q, k, v, "math", doc)[:, 3:])
+
+
+def test_flash_is_a_clear_error_without_cuda():
+    with pytest.raises(KilnError, match="flash cannot run here"):
+        resolve_backend("flash", torch.device("cpu"), torch.float32)
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+
+
+def test_rope_rotates_pairs_and_preserves_norm():
+    cache = rope_cache(8, 16, 10000.0)
+    x = torch.randn(1, 16, 2, 8)
+    y = apply_rope(x, cache)
+    assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)
+    assert torch.allclose(y[:, 0], x[:, 0])  # position 0: no rotation
+    # relative property: <R_m q, R_n k> depends on m - n only
+    q, k = torch.randn(8), torch.randn(8)
+    rot = lambda t, pos: apply_rope(t.expand(1, 16, 1, 8).contiguous(), cache)[0, pos, 0]
+    assert torch.allclose(rot(q, 5) @ rot(k, 3), rot(q, 9) @ rot(k, 7), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small"])
+def test_exact_param_count_equals_module(preset):
+    cfg = load_config([f"configs/model/{preset}.yaml"], ["data.synthetic=markov"])
+    assert count_params(cfg.model) == sum(p.numel() for p in Transformer(cfg.model).parameters())
+
+
+def test_tied_embeddings_param_count():
+    m = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, tie_embeddings=True)
+    model = Transformer(m)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert count_params(m) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("preset,expected", [("8b", 8_030_261_248), ("70b", 70_553_706_496),
+                                             ("405b", 405_853_388_800), ("1b", 1_235_814_400)])
+def test_llama_presets_match_hugging_face_counts(preset, expected):
+    cfg = load_config([f"configs/model/{preset}.yaml"], ["data.synthetic=markov"])
+    assert count_params(cfg.model) == expected
+
+
+def test_loss_at_init_is_about_ln_vocab():
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=1000, d_model=64, n_layers=2, n_heads=4)
+    model = Transformer(m)
+    tokens = torch.randint(0, 1000, (4, 32))
+    logits = model(tokens)
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
+    assert abs(loss.item() - math.log(1000)) < 0.1
+
+
+def test_all_backends_give_same_model_output():
+    torch.manual_seed(0)
+    m = ModelConfig(vocab_size=50, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = Transformer(m)
+    tokens = torch.randint(0, 50, (2, 12))
+    outs = {}
+    for backend in ("math", "sdpa", "auto"):
+        for layer in model.layers.values():
+            layer.attention.backend = backend
+        outs[backend] = model(tokens)
+    assert (outs["sdpa"] - outs["math"]).abs().max() < 1e-5
+    assert torch.equal(outs["auto"], outs["sdpa"])
