@@ -74,6 +74,7 @@ class PrepareConfig:
     samples_per_shard: int = 2048
     val_fraction: float = 0.01
     max_bytes: Optional[int] = None
+    sample_tokens: int = 2048  # tokens per stored sample (the loader packs across samples)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Tokenization, webdataset shards, streaming packed batches, resumable loader state."""

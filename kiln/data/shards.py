@@ -1,0 +1,172 @@
+"""Webdataset tar shards of fixed-size token samples, and the manifest that describes them.
+
+A sample is one tar member `<split>-<index>.tokens`: `sample_tokens` little-endian integers of the
+manifest's dtype. Tar headers carry fixed metadata (mtime 0, fixed owner and mode) so the same
+inputs give byte-identical shards. The reader verifies a shard once, when a loader is built:
+existence, sha256, and a `tarfile` walk that yields each sample's byte offset for direct reads.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from kiln.errors import KilnError
+
+MANIFEST = "manifest.json"
+FORMAT = "kiln-token-shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+log = logging.getLogger("kiln.data")
+
+
+def dtype_for(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+class ShardWriter:
+    """Cuts a split's token stream into fixed-size samples and rolls tar shards every `samples_per_shard`."""
+
+    def __init__(self, out_dir: Path, split: str, sample_tokens: int, samples_per_shard: int, dtype: str):
+        self.out_dir, self.split = Path(out_dir), split
+        self.sample_tokens, self.samples_per_shard = sample_tokens, samples_per_shard
+        self.dtype = np.dtype(dtype).newbyteorder("<")
+        self.pending: list[np.ndarray] = []
+        self.pending_len = 0
+        self.shards: list[dict] = []
+        self.samples = 0
+        self._writer = None
+        self._file = None
+        self._in_shard = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_len += len(tokens)
+        if self.pending_len >= self.sample_tokens:
+            stream = np.concatenate(self.pending)
+            n = len(stream) // self.sample_tokens
+            for i in range(n):
+                self._write_sample(stream[i * self.sample_tokens:(i + 1) * self.sample_tokens])
+            rest = stream[n * self.sample_tokens:]
+            self.pending, self.pending_len = [rest], len(rest)
+
+    def _write_sample(self, sample: np.ndarray) -> None:
+        import webdataset as wds
+
+        if self._writer is None:
+            name = f"{self.split}-{len(self.shards):06d}.tar"
+            self._file = open(self.out_dir / name, "wb")
+            self._writer = wds.TarWriter(self._file, user="kiln", group="kiln", mode=0o444, mtime=0,
+                                         encoder=False, format=tarfile.USTAR_FORMAT)
+            self.shards.append({"name": name})
+            self._in_shard = 0
+        key = f"{self.split}-{self.samples:09d}"
+        self._writer.write({"__key__": key, "tokens": sample.astype(self.dtype).tobytes()})
+        self.samples += 1
+        self._in_shard += 1
+        if self._in_shard == self.samples_per_shard:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        self._writer.close()  # also closes the file object
+        entry = self.shards[-1]
+        path = self.out_dir / entry["name"]
+        entry.update(samples=self._in_shard, tokens=self._in_shard * self.sample_tokens,
+                     bytes=path.stat().st_size, sha256=file_sha256(path))
+        self._writer = self._file = None
+
+    def finish(self) -> dict:
+        """Close the last shard; the tail shorter than one sample is dropped (and counted)."""
+        if self._writer is not None:
+            self._close_shard()
+        return {"shards": self.shards, "samples": self.samples, "tokens": self.samples * self.sample_tokens,
+                "dropped_tokens": self.pending_len}
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(data_dir: str | os.PathLike) -> dict:
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise KilnError(f"{data_dir}: no {MANIFEST} (run `kiln data prepare ... --out {data_dir}` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise KilnError(f"{path}: not valid JSON ({exc})") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise KilnError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    return manifest
+
+
+def write_manifest(data_dir: Path, manifest: dict) -> None:
+    tmp = Path(data_dir) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, Path(data_dir) / MANIFEST)
+
+
+@dataclass
+class ShardIndex:
+    """A verified shard: where each sample's tokens start in the file."""
+
+    path: str
+    offsets: np.ndarray  # int64 byte offset of each sample's data
+
+
+def index_shard(data_dir: str | os.PathLike, entry: dict, sample_bytes: int) -> ShardIndex:
+    """Check a shard against its manifest entry (exists, sha256, sample count and sizes) and index it."""
+    path = Path(data_dir) / entry["name"]
+    where = f"shard {entry['name']} in {data_dir}"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise KilnError(f"{where}: missing") from None
+    except OSError as exc:
+        raise KilnError(f"{where}: unreadable ({exc})") from None
+    if len(raw) != entry["bytes"]:
+        raise KilnError(f"{where}: {len(raw)} bytes, manifest says {entry['bytes']} (truncated or replaced)")
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise KilnError(f"{where}: sha256 mismatch (corrupt)")
+    offsets = []
+    try:
+        with tarfile.open(fileobj=io.BytesIO(raw), mode="r:") as tar:
+            for member in tar:
+                if not member.name.endswith(".tokens") or member.size != sample_bytes:
+                    raise KilnError(f"{where}: unexpected member {member.name} ({member.size} bytes)")
+                offsets.append(member.offset_data)
+    except tarfile.TarError as exc:
+        raise KilnError(f"{where}: not a readable tar ({exc})") from None
+    if len(offsets) != entry["samples"]:
+        raise KilnError(f"{where}: {len(offsets)} samples, manifest says {entry['samples']}")
+    return ShardIndex(str(path), np.asarray(offsets, dtype=np.int64))
+
+
+def index_shards(data_dir: str, entries: list[dict], sample_bytes: int, on_bad: str) -> list[Optional[ShardIndex]]:
+    """Index shards; with on_bad='skip' a bad shard becomes None and is logged, else its error is raised."""
+    out: list[Optional[ShardIndex]] = []
+    bad = []
+    for entry in entries:
+        try:
+            out.append(index_shard(data_dir, entry, sample_bytes))
+        except KilnError as exc:
+            if on_bad != "skip":
+                raise
+            log.warning("skipping %s", exc)
+            bad.append(entry["name"])
+            out.append(None)
+    if bad:
+        log.warning("data: skipped %d bad shard(s) of %d in %s: %s", len(bad), len(entries), data_dir, ", ".join(bad))
+    return out
