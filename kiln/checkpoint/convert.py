@@ -1,0 +1,96 @@
+"""`kiln convert`: detect the source format, read it through kiln names, write the target.
+
+Every reader presents the checkpoint as full kiln-named tensors fetched one at a time and every
+writer consumes them in state-dict order, so any source converts to any target and only the
+kiln target (a DCP save of the whole model) holds all weights at once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from kiln.checkpoint.kiln_format import KilnCheckpointReader, is_kiln_checkpoint, write_kiln_checkpoint
+from kiln.checkpoint.layout import Source, cast, iter_checked
+from kiln.errors import KilnError
+
+FORMATS = ("kiln", "hf", "megatron", "deepspeed")
+TARGETS = ("kiln", "hf", "megatron")
+
+__all__ = ["convert", "detect_format", "open_source", "write_kiln", "write_kiln_checkpoint"]
+
+
+def detect_format(src: Path) -> str:
+    """Which checkpoint format lives at `src` (a directory)."""
+    from kiln.checkpoint import deepspeed_format, hf, megatron
+
+    src = Path(src)
+    if not src.exists():
+        raise KilnError(f"{src}: no such file or directory")
+    if not src.is_dir():
+        raise KilnError(f"{src}: expected a checkpoint directory")
+    if hf.is_hf_dir(src):
+        return "hf"
+    if megatron.is_megatron_dir(src):
+        return "megatron"
+    if deepspeed_format.is_deepspeed_dir(src):
+        return "deepspeed"
+    if is_kiln_checkpoint(src):
+        return "kiln"
+    raise KilnError(f"{src}: not a kiln, Hugging Face, Megatron or DeepSpeed checkpoint")
+
+
+def open_source(src: Path, fmt: Optional[str] = None) -> Source:
+    from kiln.checkpoint import deepspeed_format, hf, megatron
+
+    fmt = fmt or detect_format(src)
+    if fmt == "hf":
+        return hf.HFSource(src)
+    if fmt == "megatron":
+        return megatron.MegatronSource(src)
+    if fmt == "deepspeed":
+        return deepspeed_format.DeepSpeedSource(src)
+    return KilnCheckpointReader(src)
+
+
+def write_kiln(source: Source, out: Path, dtype: Optional[str] = None) -> Path:
+    """The whole model as a kiln checkpoint at step 0 (tied output shares the embedding)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, t in iter_checked(source, "source checkpoint"):
+        if name == "output.weight" and source.cfg.model.tie_embeddings:
+            state[name] = state["tok_embeddings.weight"]
+        else:
+            state[name] = cast(t, dtype).clone()
+    return write_kiln_checkpoint(state, source.cfg, out)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise KilnError(f"--out {out} exists and is not empty; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: Optional[str] = None,
+            max_shard_size: str | int = "5GB", dtype: Optional[str] = None, vocab_multiple: int = 128) -> dict:
+    """Convert `src` to format `to` under `out`; returns a summary (source format, files)."""
+    from kiln.checkpoint import hf, megatron
+
+    if to not in TARGETS:
+        raise KilnError(f"--to {to!r} is not one of {', '.join(TARGETS)}")
+    src, out = Path(src), Path(out)
+    fmt = fmt or detect_format(src)
+    if to != "megatron" and (tp, pp) != (1, 1):
+        raise KilnError("--tp/--pp select a Megatron layout; they need --to megatron")
+    source = open_source(src, fmt)
+    _prepare_out(out)
+    if to == "hf":
+        files = hf.write_hf(source, out, max_shard_size=max_shard_size, dtype=dtype)
+    elif to == "megatron":
+        files = megatron.write_megatron(source, out, tp=tp, pp=pp, dtype=dtype, vocab_multiple=vocab_multiple)
+    else:
+        step_dir = write_kiln(source, out, dtype)
+        files = [str(step_dir.relative_to(out))]
+    return {"source": str(src), "source_format": fmt, "target": to, "out": str(out), "files": files,
+            "model": {"d_model": source.cfg.model.d_model, "n_layers": source.cfg.model.n_layers,
+                      "vocab_size": source.cfg.model.vocab_size}}

@@ -1,0 +1,298 @@
+"""Hugging Face Llama <-> kiln: names, config and the RoPE permutation.
+
+Hugging Face's Llama applies RoPE by rotating halves of each head; kiln (like Meta's reference)
+rotates interleaved pairs. Both compute the same attention if the q and k projection rows are
+permuted, which is all that differs besides the names. Tensors move one at a time: the writer
+fills a shard until `max_shard_size` and flushes it; the reader opens safetensors lazily.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
+                                    interleaved_to_half, iter_checked, kiln_shapes, n_kv_heads)
+from kiln.config import Config, ConfigError, ModelConfig
+from kiln.errors import KilnError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+_LAYER_MAP = {
+    "attention_norm.weight": "input_layernorm.weight",
+    "attention.wq.weight": "self_attn.q_proj.weight",
+    "attention.wk.weight": "self_attn.k_proj.weight",
+    "attention.wv.weight": "self_attn.v_proj.weight",
+    "attention.wo.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "feed_forward.w1.weight": "mlp.gate_proj.weight",
+    "feed_forward.w3.weight": "mlp.up_proj.weight",
+    "feed_forward.w2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_name(name: str) -> str:
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    match = _LAYER.match(name)
+    if not match or match.group(2) not in _LAYER_MAP:
+        raise KilnError(f"no Hugging Face name for kiln tensor {name}")
+    return f"model.layers.{match.group(1)}.{_LAYER_MAP[match.group(2)]}"
+
+
+def to_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    if name.endswith("attention.wq.weight"):
+        return interleaved_to_half(t, m.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return interleaved_to_half(t, n_kv_heads(m))
+    return t
+
+
+def from_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
+    if name.endswith("attention.wq.weight"):
+        return half_to_interleaved(t, m.n_heads)
+    if name.endswith("attention.wk.weight"):
+        return half_to_interleaved(t, n_kv_heads(m))
+    return t
+
+
+# ---------------------------------------------------------------- config
+
+
+def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Optional[int]]) -> dict[str, Any]:
+    """config.json for `LlamaForCausalLM`; RoPE theta in both the old and the new (5.x) key."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": m.vocab_size,
+        "hidden_size": m.d_model,
+        "intermediate_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
+        "num_hidden_layers": m.n_layers,
+        "num_attention_heads": m.n_heads,
+        "num_key_value_heads": n_kv_heads(m),
+        "head_dim": head_dim(m),
+        "hidden_act": "silu",
+        "max_position_embeddings": m.max_seq_len,
+        "initializer_range": m.init_std,
+        "rms_norm_eps": m.norm_eps,
+        "rope_theta": m.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "tie_word_embeddings": m.tie_embeddings,
+        "use_cache": True,
+        "torch_dtype": _DTYPE_NAMES[dtype],
+        "bos_token_id": special.get("bos"),
+        "eos_token_id": special.get("eos"),
+        "pad_token_id": special.get("pad"),
+    }
+
+
+def _need(hf: dict, key: str, origin: str) -> Any:
+    if key not in hf:
+        raise ConfigError(f"{origin}:{key}", "missing from config.json")
+    return hf[key]
+
+
+def kiln_config_from_hf(hf: dict, origin: str, name: str) -> Config:
+    """A kiln Config whose model matches the Llama config.json; refuses features kiln lacks."""
+    if hf.get("model_type") != "llama":
+        raise ConfigError(f"{origin}:model_type", f"{hf.get('model_type')!r} is not 'llama'")
+    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
+        if hf.get(key, ok) != ok:
+            raise ConfigError(f"{origin}:{key}", f"{hf[key]!r} is not supported by kiln (needs {ok!r})")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError(f"{origin}:rope_parameters.rope_type", f"{rope_type!r} RoPE scaling is not supported by kiln")
+    d_model, heads = _need(hf, "hidden_size", origin), _need(hf, "num_attention_heads", origin)
+    if hf.get("head_dim") not in (None, d_model // heads):
+        raise ConfigError(f"{origin}:head_dim", f"{hf['head_dim']} != hidden_size/num_attention_heads; not supported")
+    kv = hf.get("num_key_value_heads") or heads
+    model = ModelConfig(
+        name=name,
+        vocab_size=_need(hf, "vocab_size", origin),
+        d_model=d_model,
+        n_layers=_need(hf, "num_hidden_layers", origin),
+        n_heads=heads,
+        n_kv_heads=None if kv == heads else kv,
+        ffn_dim=_need(hf, "intermediate_size", origin),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        max_seq_len=int(hf.get("max_position_embeddings", 2048)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        init_std=float(hf.get("initializer_range", 0.02)),
+    )
+    cfg = Config(model=model)
+    cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
+    validate_model(cfg)
+    return cfg
+
+
+# ---------------------------------------------------------------- writing
+
+
+def parse_size(text: str | int) -> int:
+    """'5GB', '500MB', '10KB' or a byte count."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise KilnError(f"--max-shard-size: cannot parse {text!r} (e.g. 5GB, 500MB, 1000000)")
+    unit = (match.group(2) or "").upper().rstrip("B").rstrip("I")
+    return int(float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
+
+
+class ShardWriter:
+    """Fill safetensors shards up to a byte budget; name them model-XXXXX-of-YYYYY at the end."""
+
+    def __init__(self, out_dir: Path, max_bytes: int):
+        self.out, self.max_bytes = out_dir, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out / f"shard-{len(self.shards):05d}.tmp"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.shards.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        self.flush()
+        if len(self.shards) == 1:
+            self.shards[0][0].replace(self.out / SINGLE)
+            return [SINGLE]
+        weight_map, names = {}, []
+        for i, (path, tensors) in enumerate(self.shards):
+            final = f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
+            path.replace(self.out / final)
+            names.append(final)
+            weight_map.update({t: final for t in tensors})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.out / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return names + [INDEX]
+
+
+def _tokenizer_dir(cfg: Config) -> Optional[Path]:
+    paths = [cfg.data.path] + [m.get("path") if isinstance(m, dict) else getattr(m, "path", None)
+                               for m in (cfg.data.mixture or [])]
+    for p in paths:
+        if p and (Path(p) / "tokenizer.json").is_file():
+            return Path(p)
+    return None
+
+
+def _special_ids(data_dir: Optional[Path]) -> dict[str, Optional[int]]:
+    """bos/eos/pad ids from the data manifest when it records them (kiln appends EOS per doc)."""
+    if data_dir is None or not (data_dir / "manifest.json").is_file():
+        return {}
+    try:
+        manifest = json.loads((data_dir / "manifest.json").read_text())
+    except json.JSONDecodeError:
+        return {}
+    found: dict[str, Optional[int]] = {}
+    for scope in (manifest, manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}):
+        for key in ("bos", "eos", "pad"):
+            for variant in (f"{key}_id", f"{key}_token_id", key):
+                if isinstance(scope.get(variant), int):
+                    found.setdefault(key, scope[variant])
+    return found
+
+
+def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
+    """Write `source` as a Hugging Face Llama directory; returns the files written."""
+    cfg, m = source.cfg, source.cfg.model
+    out_dir.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out_dir, parse_size(max_shard_size))
+    out_dtype = None
+    for name, t in iter_checked(source, "kiln checkpoint"):
+        if name == "output.weight" and m.tie_embeddings:
+            continue  # transformers re-ties lm_head to embed_tokens
+        t = cast(t, dtype)
+        out_dtype = out_dtype or t.dtype
+        writer.add(hf_name(name), to_hf_tensor(name, t, m))
+    files = writer.close()
+    data_dir = _tokenizer_dir(cfg)
+    special = _special_ids(data_dir)
+    (out_dir / "config.json").write_text(json.dumps(hf_config(m, out_dtype, special), indent=2) + "\n")
+    gen = {"_from_model_config": True, **{f"{k}_token_id": v for k, v in special.items()}}
+    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    files += ["config.json", "generation_config.json"]
+    if data_dir is not None:
+        shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.max_seq_len}
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+        files += ["tokenizer.json", "tokenizer_config.json"]
+    return files
+
+
+# ---------------------------------------------------------------- reading
+
+
+def is_hf_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and ((path / INDEX).is_file() or (path / SINGLE).is_file())
+
+
+class HFSource:
+    """A Hugging Face Llama directory read through kiln names, one tensor at a time."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            hf = json.loads((self.path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KilnError(f"{self.path / 'config.json'}: cannot read ({exc})") from None
+        self.cfg = kiln_config_from_hf(hf, str(self.path / "config.json"), name=self.path.name)
+        if (self.path / INDEX).is_file():
+            weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+        else:
+            with safe_open(str(self.path / SINGLE), framework="pt") as f:
+                weight_map = {k: SINGLE for k in f.keys()}
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, Any] = {}
+        self.shapes = kiln_shapes(self.cfg.model)
+        known = {hf_name(n) for n in self.shapes}
+        extra = sorted(k for k in weight_map if k not in known and not k.endswith("rotary_emb.inv_freq"))
+        if extra:
+            raise KilnError(f"{self.path}: tensor {extra[0]} has no kiln counterpart "
+                            f"({len(extra)} unexpected tensors; is this a plain Llama checkpoint?)")
+
+    def get(self, name: str) -> torch.Tensor:
+        key = hf_name(name)
+        if key not in self.weight_map and name == "output.weight" and self.cfg.model.tie_embeddings:
+            key = hf_name("tok_embeddings.weight")
+        if key not in self.weight_map:
+            raise KilnError(f"{self.path}: no tensor {key} in the safetensors files")
+        file = self.weight_map[key]
+        if file not in self._handles:
+            if not (self.path / file).is_file():
+                raise KilnError(f"{self.path}: shard {file} (holding {key}) is missing")
+            self._handles[file] = safe_open(str(self.path / file), framework="pt")
+        t = self._handles[file].get_tensor(key)
+        check_shape(key, t, self.shapes[name], str(self.path))
+        return from_hf_tensor(name, t, self.cfg.model)
