@@ -1,57 +1,211 @@
-"""Single-process ParallelRuntime (placeholder until the full mesh runtime lands)."""
+"""ParallelRuntime: what the train loop sees of parallelism, whatever the layout.
+
+`setup_parallel` builds the mesh, materializes the model with the run's seed (so every layout
+starts from the single-process weights), splits pipeline stages, and applies `parallelize`.
+The runtime then runs forward+backward of one micro-batch (a whole pipeline schedule under pp),
+clips by the global gradient norm and averages scalars over DP. The DeepSpeed engine provides the
+same interface (kiln.parallel.deepspeed_engine).
+"""
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+from typing import Callable
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.config import Config
+from kiln.parallel.mesh import ParallelDims, build_mesh, check_layout, dp_coordinate
+from kiln.parallel.parallelize import data_parallel_mesh, mixed_precision_dtype, parallelize
+from kiln.parallel.pipeline import build_schedule, split_stage, stage_indices
 
-def pick_device(name: str) -> torch.device:
+
+def pick_device(name: str, rank: int = 0) -> torch.device:
+    """`auto`: CUDA if present, else CPU. On CUDA each process takes its LOCAL_RANK's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device(name)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy in fp32 (vocab-sharded logits work under `loss_parallel`)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
 
 
+def materialize(model: nn.Module, seed: int) -> nn.Module:
+    """Allocate a meta-device model on CPU and initialize it from `seed`: the same weights the
+    single-process run gets, whatever the layout (sharding comes after)."""
+    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device="cpu")
+    torch.manual_seed(seed)
+    model.init_weights()
+    return model
+
+
+def _full_value(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 class ParallelRuntime:
-    def __init__(self, model: nn.Module, device: torch.device):
-        self.mesh = None
-        self.model_parts = [model]
+    """Native PyTorch runtime (DTensor TP/SP, FSDP2/HSDP, torch.distributed.pipelining)."""
+
+    def __init__(self, cfg: Config, model_parts: list[nn.Module], device: torch.device, mesh=None,
+                 dims: ParallelDims | None = None, schedule=None, stages: tuple[int, ...] = (0,)):
+        self.cfg = cfg
+        self.mesh = mesh
+        self.dims = dims
+        self.model_parts = model_parts
         self.device = device
-        self.dp_rank, self.dp_size = 0, 1
-        self.is_last_stage = True
+        self.schedule = schedule
+        self.stages = stages
+        num_stages = dims.num_stages if dims else 1
+        self.has_first_stage = 0 in stages
+        self.is_last_stage = (num_stages - 1) in stages
+        self.tp = dims.tp if dims else 1
+        self.dp_rank = dp_coordinate(mesh, dims) if mesh is not None else 0
+        self.dp_size = dims.dp if dims else 1
+        dtype = mixed_precision_dtype(cfg, device)
+        # FSDP casts parameters itself; without it, bf16 compute comes from autocast.
+        self._autocast = dtype if dtype != torch.float32 and data_parallel_mesh(mesh) is None else None
+        self._mb_losses: list[torch.Tensor] = []
+        self._mb_scale = 1.0
 
-    def _forward(self, batch):
-        model = self.model_parts[0]
-        doc_ids = batch.get("doc_ids")
-        logits = model(batch["input"].to(self.device), None if doc_ids is None else doc_ids.to(self.device))
-        return cross_entropy(logits, batch["target"].to(self.device))
+    # -- forward/backward ---------------------------------------------------------------------
+    def _context(self):
+        stack = contextlib.ExitStack()
+        if self.tp > 1:
+            from torch.distributed.tensor.parallel import loss_parallel
 
-    def forward_backward(self, batch, loss_scale):
-        loss = self._forward(batch)
-        (loss * loss_scale).backward()
-        return loss.detach()
+            stack.enter_context(loss_parallel())
+        if self._autocast is not None:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self._autocast))
+        return stack
+
+    def _inputs(self, batch: dict):
+        inp = batch["input"].to(self.device, non_blocking=True)
+        tgt = batch["target"].to(self.device, non_blocking=True)
+        doc = batch.get("doc_ids")
+        return inp, tgt, (None if doc is None else doc.to(self.device, non_blocking=True))
+
+    def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = cross_entropy(output, target)
+        self._mb_losses.append(_full_value(loss.detach()))
+        return loss * self._mb_scale
+
+    def _run_schedule(self, batch: dict, loss_scale: float, train: bool) -> torch.Tensor | None:
+        inp, tgt, doc = self._inputs(batch)
+        self._mb_losses = []
+        self._mb_scale = loss_scale / self.dims.microbatches
+        args = (inp,) if self.has_first_stage else ()
+        kwargs = {"doc_ids": doc} if doc is not None else {}
+        target = tgt if self.is_last_stage else None
+        with self._context():
+            if train:
+                self.schedule.step(*args, target=target, return_outputs=False, **kwargs)
+            else:
+                self.schedule.eval(*args, target=target, **kwargs)
+        if not self.is_last_stage:
+            return None
+        # The first step also calls the loss during shape inference: keep the real micro-batches.
+        return torch.stack(self._mb_losses[-self.dims.microbatches:]).mean()
+
+    def forward_backward(self, batch: dict, loss_scale: float) -> torch.Tensor | None:
+        if self.schedule is not None:
+            return self._run_schedule(batch, loss_scale, train=True)
+        inp, tgt, doc = self._inputs(batch)
+        with self._context():
+            loss = cross_entropy(self.model_parts[0](inp, doc), tgt)
+            (loss * loss_scale).backward()
+        return _full_value(loss.detach())
 
     @torch.no_grad()
-    def eval_loss(self, batch):
-        return self._forward(batch)
+    def eval_loss(self, batch: dict) -> torch.Tensor | None:
+        if self.schedule is not None:
+            return self._run_schedule(batch, 1.0, train=False)
+        inp, tgt, doc = self._inputs(batch)
+        with self._context():
+            return _full_value(cross_entropy(self.model_parts[0](inp, doc), tgt))
 
-    def clip_grad_norm_(self, max_norm):
-        params = [p for m in self.model_parts for p in m.parameters()]
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    # -- gradients and scalars ----------------------------------------------------------------
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for part in self.model_parts for p in part.parameters()]
 
-    def reduce_mean(self, value):
-        return float("nan") if value is None else float(value)
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        """Global L2 norm over every shard on every rank, then scale grads if it exceeds max_norm
+        (max_norm <= 0: measure only). DTensor grads are reduced per (mesh, placements) group;
+        pipeline stages hold disjoint parameters, so their squares add over the pp group."""
+        from torch.distributed.tensor import DTensor
 
-    def optimizer_step(self, optimizers):
+        groups: dict = {}
+        for p in self.parameters():
+            if p.grad is not None:
+                key = (p.grad.device_mesh, p.grad.placements) if isinstance(p.grad, DTensor) else None
+                groups.setdefault(key, []).append(p.grad)
+        squares = torch.zeros((), dtype=torch.float64, device=self.device)
+        for grads in groups.values():
+            norm = _full_value(torch.nn.utils.get_total_norm(grads, 2.0))
+            squares += norm.double().to(self.device) ** 2
+        if self.mesh is not None and self.dims.pp > 1:
+            dist.all_reduce(squares, group=self.mesh["pp"].get_group())
+        total = math.sqrt(float(squares))
+        if max_norm > 0 and total > max_norm:
+            coef = max_norm / (total + 1e-6)
+            for grads in groups.values():
+                torch._foreach_mul_(grads, coef)
+        return total
+
+    def reduce_mean(self, value: float | None) -> float:
+        """Average a per-replica scalar over DP; only last-stage ranks contribute (each TP peer
+        holds the same value, so the sum is divided by tp as well)."""
+        if self.mesh is None:
+            return float(value)
+        own = float(value) if (self.is_last_stage and value is not None) else 0.0
+        t = torch.tensor([own], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / (self.dp_size * self.tp)
+
+    def optimizer_step(self, optimizers: list) -> None:
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
+    def build_optimizers(self, make: Callable[[nn.Module], torch.optim.Optimizer]) -> list:
+        """One optimizer per model part (pipeline stages on this rank)."""
+        return [make(part) for part in self.model_parts]
 
-def setup_parallel(cfg, model, world_size: int, rank: int) -> ParallelRuntime:
-    device = pick_device(cfg.train.device)
-    return ParallelRuntime(model.to(device), device)
+
+def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) -> ParallelRuntime:
+    """Mesh, materialized model, pipeline split and parallelize; see the module docstring."""
+    if cfg.parallel.engine == "deepspeed":
+        from kiln.parallel.deepspeed_engine import setup_deepspeed
+
+        return setup_deepspeed(cfg, model, world_size, rank)
+    dims = check_layout(cfg, world_size)
+    device = pick_device(cfg.train.device, rank)
+    materialize(model, cfg.train.seed)
+    if world_size == 1:
+        return ParallelRuntime(cfg, [parallelize(model.to(device), None, cfg, device)], device)
+    mesh = build_mesh(dims, device)
+    if dims.pp == 1:
+        parts, stages = [model], (0,)
+    else:
+        stages = tuple(stage_indices(mesh["pp"].get_local_rank(), dims.pp, dims.virtual_stages))
+        parts = [split_stage(model, s, dims.num_stages) for s in stages]
+        del model
+    parts = [parallelize(part.to(device), mesh, cfg, device) for part in parts]
+    runtime = ParallelRuntime(cfg, parts, device, mesh, dims, stages=stages)
+    if dims.pp > 1:
+        runtime.schedule = build_schedule(cfg.parallel.pp_schedule, parts, list(stages), dims.num_stages, device,
+                                          mesh["pp"].get_group(), dims.microbatches, runtime._pipeline_loss)
+    return runtime

@@ -1,0 +1,124 @@
+"""`parallelize(model, mesh, cfg)`: tensor/sequence parallel, activation checkpointing, compile,
+FSDP2/HSDP, in that order (as torchtitan does), on a plain kiln Transformer or a pipeline stage
+of one. Parameter names never change (composable APIs only), so checkpoints load across layouts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import Config
+
+
+def parallelize(model: nn.Module, mesh, cfg: Config, device: torch.device) -> nn.Module:
+    p = cfg.parallel
+    if mesh is not None and mesh["tp"].size() > 1:
+        apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+    if p.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, p.activation_checkpoint)
+    if p.compile:
+        for block in model.layers.values():
+            block.compile()
+    dp_mesh = data_parallel_mesh(mesh)
+    if dp_mesh is not None:
+        apply_fsdp(model, dp_mesh, p.reshard_after_forward, mixed_precision_dtype(cfg, device))
+    return model
+
+
+def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """bf16 parameters/compute on GPU by default; fp32 on CPU unless asked (gradients reduce in fp32)."""
+    mode = cfg.parallel.mixed_precision
+    if mode == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if mode == "bf16" else torch.float32
+
+
+def data_parallel_mesh(mesh):
+    """The FSDP mesh: 2-D (replicate, shard) for HSDP, 1-D dp_shard for FSDP, None without DP."""
+    if mesh is None:
+        return None
+    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
+    if rep * shard == 1:
+        return None
+    return mesh["dp_replicate", "dp_shard"] if rep > 1 else mesh["dp_shard"]
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+    """Megatron-style TP through DTensor: q/k/v and w1/w3 column-wise, wo and w2 row-wise,
+    vocab-parallel embedding and output (logits stay vocab-sharded for `loss_parallel`). With
+    sequence parallel the norms and the residual stream are sharded along the sequence."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    seq = Shard(1) if sequence_parallel else Replicate()
+    top = {}
+    if model.tok_embeddings is not None:
+        top["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=seq)
+    if model.norm is not None and sequence_parallel:
+        top["norm"] = SequenceParallel()
+    if model.output is not None:
+        top["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
+    if top:
+        parallelize_module(model, tp_mesh, top)
+    for block in model.layers.values():
+        plan = {
+            # (x, rope, doc_ids): only x is a DTensor-to-be; rope and doc_ids stay replicated tensors.
+            "attention": PrepareModuleInput(input_layouts=(seq, None, None),
+                                            desired_input_layouts=(Replicate(), None, None),
+                                            use_local_output=True),
+            "attention.wq": ColwiseParallel(),
+            "attention.wk": ColwiseParallel(),
+            "attention.wv": ColwiseParallel(),
+            "attention.wo": RowwiseParallel(output_layouts=seq),
+            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                               use_local_output=True),
+            "feed_forward.w1": ColwiseParallel(),
+            "feed_forward.w3": ColwiseParallel(),
+            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+        }
+        if sequence_parallel:
+            plan["attention_norm"] = SequenceParallel()
+            plan["ffn_norm"] = SequenceParallel()
+        parallelize_module(block, tp_mesh, plan)
+
+
+def _selective_policy():
+    """Save matmul and attention outputs, recompute the cheap pointwise ops (norms, SiLU, RoPE)."""
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    ops = torch.ops.aten
+    save = {ops.mm.default, ops.addmm.default, ops.bmm.default,
+            ops._scaled_dot_product_flash_attention_for_cpu.default}
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention"):
+        if hasattr(ops, name):
+            save.add(getattr(ops, name).default)
+
+    def policy(ctx, op, *args, **kwargs):
+        return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return lambda: create_selective_checkpoint_contexts(policy)
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Per block: `full` recomputes the whole block in backward; `selective` keeps matmul and
+    attention outputs and recomputes the rest. Composable hooks, so names are unchanged."""
+    from torch.distributed._composable import checkpoint
+
+    for block in model.layers.values():
+        if mode == "full":
+            checkpoint(block)
+        else:
+            checkpoint(block, context_fn=_selective_policy())
+
+
+def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool, param_dtype: torch.dtype) -> None:
+    """FSDP2 per block, then the root (embedding, norm, output). HSDP when dp_mesh is 2-D.
+    Gradients are reduced in fp32 whatever the parameter dtype."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.layers.values():
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy)
