@@ -1,0 +1,246 @@
+"""The streaming loader: coverage, resume, bad shards, mixtures, validation, document ids.
+
+Oracle: the shards read back with webdataset (an independent tar reader). Samples are random
+letters, so every stored sample is unique and can be recognised in the batches.
+"""
+import json
+import logging
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+
+from kiln.config import DataConfig
+from kiln.data.loader import build_loader
+from kiln.data.prepare import prepare
+from kiln.errors import KilnError
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+EOS = 256  # byte tokenizer
+L = 64  # tokens per stored sample
+SEQ = 31  # windows of 32 tokens: exactly two per sample
+
+
+def _make(tmp_path: Path, name: str, alphabet: str = "abcdefghij \n", n_docs: int = 48, val: float = 0.0,
+          seed: int = 0) -> str:
+    rng = random.Random(seed)
+    src = tmp_path / f"{name}.jsonl"
+    with open(src, "w") as fh:
+        for _ in range(n_docs):
+            fh.write(json.dumps({"text": "".join(rng.choice(alphabet) for _ in range(rng.randint(10, 200)))}) + "\n")
+    out = tmp_path / name
+    prepare([str(src)], str(out), "byte", samples_per_shard=5, val_fraction=val, sample_tokens=L, num_proc=1)
+    return str(out)
+
+
+def _oracle_samples(path: str, split: str = "train") -> list[tuple]:
+    names = sorted(Path(path).glob(f"{split}-*.tar"))
+    ds = wds.WebDataset([str(n) for n in names], shardshuffle=False)
+    return [tuple(np.frombuffer(s["tokens"], dtype=np.uint16).tolist()) for s in ds]
+
+
+def _windows(batch) -> np.ndarray:
+    """Rebuild the seq_len+1 windows from input and target."""
+    return torch.cat([batch["input"], batch["target"][:, -1:]], dim=1).numpy()
+
+
+def _cfg(path=None, **kw) -> DataConfig:
+    return DataConfig(path=path, seq_len=SEQ, num_workers=kw.pop("num_workers", 2), shuffle_buffer=kw.pop("buf", 4),
+                      seed=kw.pop("seed", 7), **kw)
+
+
+def _take(loader, n):
+    return [b for _, b in zip(range(n), loader)]
+
+
+def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
+    path = _make(tmp_path, "ds")
+    oracle = _oracle_samples(path)
+    n = len(oracle)
+    assert len(set(oracle)) == n and n >= 20
+    per_rank = {}
+    for rank in range(2):
+        loader = build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=rank, dp_size=2, vocab_size=257)
+        n_rank = n * (rank + 1) // 2 - n * rank // 2
+        # micro_batch 2 x 32-token windows = one 64-token sample per batch: n_rank batches per epoch.
+        batches = _take(loader, 2 * n_rank)
+        stream = np.concatenate([_windows(b).reshape(-1) for b in batches])
+        samples = [tuple(s) for s in stream.reshape(-1, L).tolist()]
+        per_rank[rank] = (samples[:n_rank], samples[n_rank:])
+        assert loader.state_dict()["epochs"] == [2]
+    for epoch in (0, 1):
+        seen = per_rank[0][epoch] + per_rank[1][epoch]
+        assert sorted(seen) == sorted(oracle), f"epoch {epoch} is not an exact cover"
+        assert not set(per_rank[0][epoch]) & set(per_rank[1][epoch])
+    assert per_rank[0][0] != per_rank[0][1], "epochs should be shuffled differently"
+    assert per_rank[0][0] != oracle[: len(per_rank[0][0])], "train order should be shuffled"
+
+
+@pytest.mark.parametrize("mixture,document_mask", [(False, False), (True, True)])
+def test_resume_sees_the_uninterrupted_batches_with_any_worker_count(tmp_path, mixture, document_mask):
+    a = _make(tmp_path, "a")
+    cfg = _cfg(a, document_mask=document_mask)
+    if mixture:
+        cfg.path, cfg.mixture = None, [{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}]
+    kw = dict(split="train", micro_batch=3, dp_rank=1, dp_size=2, vocab_size=257)
+    full = _take(build_loader(cfg, **kw), 40)  # several epochs
+    k = 13
+    first = build_loader(cfg, **kw)
+    _take(first, k)
+    state = json.loads(json.dumps(first.state_dict()))
+    for workers in (0, 1, 3):
+        cfg.num_workers = workers
+        resumed = build_loader(cfg, **kw)
+        resumed.load_state_dict(state)
+        rest = _take(resumed, 40 - k)
+        for i, (x, y) in enumerate(zip(full[k:], rest)):
+            assert x.keys() == y.keys()
+            for key in x:
+                assert torch.equal(x[key], y[key]), f"batch {k + i} {key} differs with {workers} workers"
+    assert set(full[0]) == ({"input", "target", "doc_ids"} if document_mask else {"input", "target"})
+
+
+def test_batches_have_the_contract_shapes_and_target_is_shifted_input(tmp_path):
+    path = _make(tmp_path, "ds")
+    batch = _take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=4, dp_rank=0, dp_size=1,
+                               vocab_size=300), 1)[0]
+    assert batch["input"].shape == batch["target"].shape == (4, SEQ)
+    assert batch["input"].dtype == batch["target"].dtype == torch.int64
+    assert torch.equal(batch["input"][:, 1:], batch["target"][:, :-1])
+
+
+def test_validation_is_one_unshuffled_pass_with_equal_batches_per_rank(tmp_path):
+    path = _make(tmp_path, "ds", n_docs=120, val=0.3)
+    oracle = np.concatenate([np.array(s) for s in _oracle_samples(path, "val")])
+    n = len(oracle) // L
+    counts = []
+    for rank in range(2):
+        loader = build_loader(_cfg(path, document_mask=True), split="val", micro_batch=2, dp_rank=rank, dp_size=2,
+                              vocab_size=257)
+        passes = [list(loader), list(loader)]
+        assert len(passes[0]) == len(passes[1]) == len(loader) > 0
+        for x, y in zip(*passes):
+            assert torch.equal(x["input"], y["input"])
+        start = n * rank // 2 * L
+        stream = np.concatenate([_windows(b).reshape(-1) for b in passes[0]])
+        assert np.array_equal(stream, oracle[start:start + len(stream)])
+        for b in passes[0]:  # unshuffled: a new document starts exactly after each EOS
+            ids, inp = b["doc_ids"].numpy(), b["input"].numpy()
+            expect = np.concatenate([np.zeros((len(inp), 1), int), np.cumsum(inp[:, :-1] == EOS, axis=1)], axis=1)
+            assert np.array_equal(ids, expect)
+        counts.append(len(passes[0]))
+    assert counts[0] == counts[1]
+
+
+def test_doc_ids_split_at_eos_and_at_shuffled_sample_joins(tmp_path):
+    path = _make(tmp_path, "ds")
+    seq, batch_size = 40, 3  # 41-token windows straddle the 64-token samples
+    cfg = _cfg(path, num_workers=2, document_mask=True)
+    cfg.seq_len = seq
+    loader = build_loader(cfg, split="train", micro_batch=batch_size, dp_rank=0, dp_size=1, vocab_size=257)
+    batches = _take(loader, 20)
+    windows = np.concatenate([torch.cat([b["input"], b["target"][:, -1:]], 1).numpy() for b in batches])
+    stream = windows.reshape(-1)
+    position = {s: i for i, s in enumerate(_oracle_samples(path))}
+    index = [position[tuple(x)] for x in stream[: len(stream) // L * L].reshape(-1, L).tolist()]
+    joins = {j * L for j in range(1, len(index)) if index[j] != index[j - 1] + 1}
+    assert joins, "the shuffled order should join unrelated samples"
+    doc_ids = np.concatenate([b["doc_ids"].numpy() for b in batches])
+    checked = 0
+    for w, (row, ids) in enumerate(zip(windows, doc_ids)):
+        g = w * (seq + 1)
+        if g + seq >= len(index) * L:
+            break
+        expect = [s for s in range(1, seq) if row[s - 1] == EOS or (g + s) in joins]
+        assert ids[0] == 0 and list(np.flatnonzero(np.diff(ids)) + 1) == expect
+        assert set(np.diff(ids).tolist()) <= {0, 1}
+        checked += bool(expect)
+    assert checked > 10
+
+
+def test_mixture_proportions_match_weights(tmp_path):
+    a, b = _make(tmp_path, "a", "abc"), _make(tmp_path, "b", "xyz", seed=3)
+    cfg = _cfg(None, num_workers=0, mixture=[{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}])
+    loader = build_loader(cfg, split="train", micro_batch=16, dp_rank=0, dp_size=1, vocab_size=257)
+    counts = Counter()
+    for batch in _take(loader, 200):
+        for row in _windows(batch):
+            letters = set(row.tolist()) - {EOS, 10, 32}
+            assert letters <= set(b"abc") or letters <= set(b"xyz"), "a window mixes datasets"
+            counts["a" if letters <= set(b"abc") else "b"] += 1
+    n = sum(counts.values())
+    p = counts["a"] / n
+    assert abs(p - 0.75) < 4 * (0.75 * 0.25 / n) ** 0.5, counts
+    state = loader.state_dict()
+    assert sum(state["consumed"]) == n == state["windows"]
+
+
+def _entry(path, split="train", i=1):
+    return json.loads((Path(path) / "manifest.json").read_text())["splits"][split]["shards"][i]["name"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
+def test_bad_shard_fails_naming_it_or_is_skipped(tmp_path, damage, caplog):
+    path = _make(tmp_path, "ds")
+    name = _entry(path)
+    shard = Path(path) / name
+    keep = _oracle_samples(path)
+    raw = bytearray(shard.read_bytes())
+    if damage == "flip":
+        raw[1024 + 5] ^= 0xFF
+        shard.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        shard.write_bytes(bytes(raw[: len(raw) // 2]))
+    else:
+        shard.unlink()
+    kw = dict(split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
+    with pytest.raises(KilnError, match=name):
+        build_loader(_cfg(path), **kw)
+    with caplog.at_level(logging.WARNING, logger="kiln.data"):
+        loader = build_loader(_cfg(path, on_bad_shard="skip"), **kw)
+    assert "skipped 1 bad shard" in caplog.text and name in caplog.text
+    lost = set(keep[5:10])  # shard 1 holds samples 5..9
+    seen = {tuple(s) for b in _take(loader, len(keep) - 5) for s in _windows(b).reshape(-1, L).tolist()}
+    assert seen == set(keep) - lost
+
+
+def test_manifest_vocab_larger_than_model_is_refused(tmp_path):
+    path = _make(tmp_path, "ds")
+    with pytest.raises(KilnError, match="manifest.json.*vocab_size 257 > model.vocab_size=200"):
+        build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=200)
+
+
+def test_mixture_with_different_tokenizers_is_refused(tmp_path):
+    a = _make(tmp_path, "a")
+    src = tmp_path / "a.jsonl"
+    prepare([str(src)], str(tmp_path / "bpe"), "bpe:300", sample_tokens=L, num_proc=1, val_fraction=0)
+    cfg = _cfg(None, mixture=[{"path": a, "weight": 1}, {"path": str(tmp_path / "bpe"), "weight": 1}])
+    with pytest.raises(KilnError, match="a mixture needs one tokenizer"):
+        build_loader(cfg, split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=512)
+
+
+def test_too_little_data_gives_clear_errors(tmp_path):
+    path = _make(tmp_path, "ds", n_docs=3, val=0.3)
+    m = json.loads((Path(path) / "manifest.json").read_text())
+    ranks = m["splits"]["train"]["samples"] + 1
+    with pytest.raises(KilnError, match=f"fewer than dp_size={ranks}"):
+        build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=0, dp_size=ranks, vocab_size=257)
+    with pytest.raises(KilnError, match="validation split"):
+        build_loader(_cfg(path), split="val", micro_batch=64, dp_rank=0, dp_size=1, vocab_size=257)
+    with pytest.raises(KilnError, match="data.path"):
+        build_loader(_cfg(None), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
+
+
+def test_more_workers_than_shards_still_yields_in_order(tmp_path):
+    path = _make(tmp_path, "ds", n_docs=8)
+    assert len(json.loads((Path(path) / "manifest.json").read_text())["splits"]["train"]["shards"]) < 4
+    ref = _take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+                             vocab_size=257), 12)
+    got = _take(build_loader(_cfg(path, num_workers=4), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+                             vocab_size=257), 12)
+    assert all(torch.equal(x["input"], y["input"]) for x, y in zip(ref, got))
