@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.checkpoint")
+# A single-process run saves without a process group on purpose; DCP warns about it each time.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 STEP_PREFIX = "step_"
 META = "meta.json"
 
