@@ -137,6 +137,15 @@ def make_plan(r: Request) -> dict:
     n_law, d_law = law_point(r, law, c)
     seq_len = r.seq_len or default_seq_len(n_law)
     shape = search_shape(n_law, r.vocab, seq_len, name=r.name)
+    if r.days or r.budget_usd:
+        # A time or dollar budget buys model FLOPs (PaLM count, what MFU measures), not 6ND:
+        # shrink the law's C by 6N / FLOPs-per-token until the shape settles.
+        hw_flops = c
+        for _ in range(4):
+            c = hw_flops * 6 * shape.params / shape.flops_per_token
+            n_law, d_law = law_point(r, law, c)
+            seq_len = r.seq_len or default_seq_len(n_law)
+            shape = search_shape(n_law, r.vocab, seq_len, name=r.name)
     n = shape.params
     tokens = r.tokens if r.tokens else n_law * d_law / n  # keep the compute 6ND when N moves to the shape
     loss = law.loss(n, tokens)
@@ -189,7 +198,7 @@ def _add_hardware(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Sh
     })
     a = out["assumptions"]
     a["mfu"] = f"{mfu:.0%}" + ("" if r.mfu else " (assumed default; pass --mfu)")
-    a["price_usd_per_gpu_hour"] = (f"{run.price_usd_per_hour:g}" +
+    a["price"] = (f"{run.price_usd_per_hour:g}" +
                                    (" (given)" if r.price_per_gpu_hour else f" ({acc.price_note}; pass --price-per-gpu-hour)"))
     a["power"] = (f"TDP {acc.tdp_w:g} W x PUE {r.pue:g}" if acc.tdp_w else "no TDP in the table: energy n/a")
     a["memory"] = f"{r.headroom:.0%} of {acc.memory_gb:g} GB usable; FSDP over all data-parallel ranks"

@@ -1,0 +1,319 @@
+"""`kiln plan`, `kiln plan fit` and `kiln estimate`."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from kiln.errors import KilnError
+
+NUMBER_FLAGS = ("flops", "days", "budget_usd", "price_per_gpu_hour", "mfu", "params", "tokens",
+                "inference_tokens", "pue", "headroom", "max_days")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "plan", help="budget -> model shape, tokens, layout, cost (or `plan fit` your own runs)",
+        description="Turn a compute, time or dollar budget into a model shape, token count, parallel layout "
+                    "and cost. Numbers accept suffixes: 1e21, 70B, 1.4T, 400M. "
+                    "`kiln plan fit RUNS...` fits a scaling law to your own runs instead.")
+    budget = p.add_argument_group("budget (one of)")
+    budget.add_argument("--flops", metavar="C", help="training compute in FLOPs (C = 6ND)")
+    budget.add_argument("--days", metavar="D", help="wall-clock days on --gpus x --gpu")
+    budget.add_argument("--budget-usd", metavar="X", help="dollars at --price-per-gpu-hour (default: table)")
+    model = p.add_argument_group("fix the model")
+    model.add_argument("--params", metavar="N", help="parameters (solve for tokens)")
+    model.add_argument("--tokens", metavar="D", help="training tokens (solve for parameters)")
+    hw = p.add_argument_group("hardware and cost")
+    hw.add_argument("--gpu", metavar="NAME", help="accelerator (h100, h200, a100, b200, mi300x, ...)")
+    hw.add_argument("--gpus", metavar="N", type=_int_or_str, help="GPU count (default: fewest that fit and "
+                    "finish within --max-days)")
+    hw.add_argument("--mfu", metavar="U", help="model FLOPs utilisation, 0-1 (default 0.40, an assumption)")
+    hw.add_argument("--price-per-gpu-hour", metavar="P", help="USD per GPU-hour (default: hardware table)")
+    hw.add_argument("--pue", metavar="X", default="1.2", help="data-centre PUE for energy (default 1.2)")
+    hw.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
+    hw.add_argument("--max-days", metavar="D", default="30", help="wall-clock limit when choosing --gpus (30)")
+    law = p.add_argument_group("law and shape")
+    law.add_argument("--law", default="epoch", help="chinchilla-1 | chinchilla-2 | chinchilla-3 | epoch | kaplan "
+                     "| a law file from `kiln plan fit` (default epoch)")
+    law.add_argument("--inference-tokens", metavar="T", help="lifetime inference tokens: inference-aware optimum")
+    law.add_argument("--compare", action="store_true", help="print every law side by side at this budget")
+    law.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary size (default 32000)")
+    law.add_argument("--seq-len", type=int, help="sequence length (default 2048 below 1B params, else 4096)")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", action="store_true", help="machine-readable output")
+    out.add_argument("--out", metavar="PLAN.yaml", help="write a complete kiln training config")
+    out.add_argument("--data", default="data/train", help="data.path written into --out (default data/train)")
+    out.add_argument("--name", default=None, help="run name written into --out")
+    out.add_argument("--plot", metavar="FILE.png", help="draw IsoFLOP curves and the laws' frontiers")
+    p.set_defaults(func=plan_command)
+
+    modes = p.add_subparsers(dest="plan_mode", metavar="fit", required=False)
+    f = modes.add_parser("fit", help="fit L(N,D) = E + A/N^alpha + B/D^beta to your runs",
+                         description="Fit the Chinchilla parametric law to final losses (Huber on log L, L-BFGS, "
+                                     "grid of starts) with bootstrap intervals. RUNS are run directories "
+                                     "(metrics.jsonl + config.yaml), metrics.jsonl files, or CSV/JSON tables "
+                                     "with params, tokens, loss columns.")
+    f.add_argument("runs", nargs="+", metavar="RUN|TABLE")
+    f.add_argument("--out", default="law.json", help="law file for `kiln plan --law FILE` (default law.json)")
+    f.add_argument("--plot", metavar="FILE.png", help="fit against points (default: next to --out)")
+    f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200; 0: none)")
+    f.add_argument("--json", action="store_true")
+    f.set_defaults(func=fit_command)
+
+    e = subparsers.add_parser("estimate", help="per-GPU memory and cost of an existing config",
+                              description="Estimate per-GPU memory (and time/cost) of a config on N GPUs; "
+                                          "exit 2 naming the largest term when it does not fit.")
+    from kiln.cli import add_config_args
+
+    add_config_args(e)
+    e.add_argument("--gpu", required=True, metavar="NAME")
+    e.add_argument("--gpus", required=True, type=_int_or_str, metavar="N")
+    e.add_argument("--mfu", metavar="U")
+    e.add_argument("--price-per-gpu-hour", metavar="P")
+    e.add_argument("--pue", default="1.2")
+    e.add_argument("--headroom", default="0.9")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=estimate_command)
+
+
+def _int_or_str(text: str):
+    return text  # validated in the handler, so a bad value is one line, not argparse usage
+
+
+def _gpus(value) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(str(value))
+    except ValueError:
+        raise KilnError(f"--gpus: {value!r} is not a whole number") from None
+    if not 1 <= n <= 1_000_000:
+        raise KilnError(f"--gpus: {n} is outside [1, 1000000]")
+    return n
+
+
+def _numbers(args) -> dict:
+    from kiln.planner.plan import parse_number
+
+    return {k: parse_number(k, getattr(args, k)) for k in NUMBER_FLAGS if hasattr(args, k)}
+
+
+def _request(args):
+    from kiln.planner.plan import BOUNDS, Request
+
+    nums = _numbers(args)
+    for flag, value in (("vocab", args.vocab), ("seq_len", args.seq_len)):
+        lo, hi = BOUNDS[flag]
+        if value is not None and not lo <= value <= hi:
+            raise KilnError(f"--{flag.replace('_', '-')}: {value} is outside [{lo:g}, {hi:g}]")
+    return Request(gpu=args.gpu, gpus=_gpus(args.gpus), law=args.law, vocab=args.vocab, seq_len=args.seq_len,
+                   data=args.data, name=args.name or "planned",
+                   **{k: v for k, v in nums.items() if v is not None})
+
+
+# ---------------------------------------------------------------- plan
+def plan_command(args) -> int:
+    from kiln.planner.plan import make_plan, to_config
+
+    request = _request(args)
+    if args.compare:
+        return _compare(args, request)
+    plan = make_plan(request)
+    if args.name is None:
+        plan["_shape"].model.name = f"plan-{_si(plan['params'])}"
+    if args.out:
+        from kiln.config import to_yaml
+
+        cfg = to_config(plan, args.data)
+        Path(args.out).write_text(_yaml_header(plan) + to_yaml(cfg))
+        plan["out"] = args.out
+    if args.plot:
+        from kiln.planner.laws import get_law
+        from kiln.planner.plot import plot_isoflops
+
+        plot_isoflops(plan, get_law(args.law), args.plot)
+        plan["plot"] = args.plot
+    shape = plan.pop("_shape")
+    if args.json:
+        print(json.dumps(plan, indent=2))
+    else:
+        print(render_plan(plan, shape))
+    return 0
+
+
+def _compare(args, request) -> int:
+    from kiln.planner.laws import LAWS, get_law
+    from kiln.planner.plan import budget_flops, check_flags, make_plan
+
+    check_flags(request)
+    laws = dict(LAWS)
+    if args.law not in laws:
+        law = get_law(args.law)
+        laws[law.name] = law
+    rows = []
+    for name, law in laws.items():
+        if request.params and request.tokens:
+            raise KilnError("--compare needs a budget, not a fixed --params and --tokens")
+        request.law = args.law if name not in LAWS else name
+        plan = make_plan(request)
+        plan.pop("_shape")
+        rows.append({"law": name, "compute_flops": plan["budget_flops"] or plan["compute_flops"],
+                     "params_opt": plan["params_opt"], "params": plan["params"], "tokens": plan["tokens"],
+                     "tokens_per_param": plan["tokens_per_param"], "predicted_loss": plan["predicted_loss"],
+                     "exponent_a": law.exponents[0], "source": law.source,
+                     "cost_usd": plan["cost_usd"], "gpus": plan["gpus"]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"laws at C = {rows[0]['compute_flops']:.3g} FLOPs")
+    print(f"{'law':<14}{'N_opt':>9}{'N shape':>9}{'tokens':>9}{'D/N':>7}{'loss':>8}{'a':>7}   source")
+    for r in rows:
+        loss = "-" if r["predicted_loss"] is None else f"{r['predicted_loss']:.3f}"
+        print(f"{r['law']:<14}{_si(r['params_opt']):>9}{_si(r['params']):>9}{_si(r['tokens']):>9}"
+              f"{r['tokens_per_param']:>7.1f}{loss:>8}{r['exponent_a']:>7.3f}   {r['source']}")
+    print("kaplan: N excludes embeddings and its loss is on WebText2: compare exponents, not values")
+    return 0
+
+
+def _si(x: float | None) -> str:
+    if x is None:
+        return "-"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _yaml_header(plan: dict) -> str:
+    lines = [f"# kiln plan: {plan['law']} law, C = {plan['compute_flops']:.3g} FLOPs, N = {plan['params']:,}, "
+             f"D = {plan['tokens']:.4g} tokens",
+             f"# {plan['gpus']} x {plan['gpu']}: ~{plan['wall_days']:.1f} days, ~${plan['cost_usd']:,.0f} "
+             f"(assumptions: {'; '.join(plan['assumptions'].values())})"]
+    return "\n".join(lines) + "\n"
+
+
+def render_plan(p: dict, shape) -> str:
+    m = p["model"]
+    loss = "n/a (this law has no loss formula)" if p["predicted_loss"] is None else f"{p['predicted_loss']:.3f}"
+    rows = [
+        ("law", f"{p['law']}: {p['law_source']}"),
+        ("compute", f"{p['compute_flops']:.3g} FLOPs (6ND)" +
+         (f"; budget {p['budget_flops']:.3g}" if p["budget_flops"] and abs(p["budget_flops"] / p["compute_flops"] - 1) > 1e-6 else "")),
+        ("parameters", f"{p['params']:,} exact (law optimum {_si(p['params_opt'])})"),
+        ("tokens", f"{_si(p['tokens'])} ({p['tokens_per_param']:.1f} tokens/parameter)"),
+        ("predicted loss", loss),
+        ("shape", f"{m['n_layers']} layers, d_model {m['d_model']}, {m['n_heads']} heads ({m['n_kv_heads']} KV), "
+                  f"SwiGLU {m['ffn_dim']}, vocab {m['vocab_size']}, seq {m['seq_len']}"),
+        ("FLOPs/token", f"PaLM 6N+12LHQT {p['flops_per_token']:.4g}; 6N {6 * p['params']:.4g}; "
+                        f"Chinchilla App. F {p['appendix_f_flops_per_token']:.4g}"),
+        ("training FLOPs", f"6ND {p['compute_flops']:.3g}; PaLM model {p['model_flops']:.3g}; "
+                           f"App. F {p['appendix_f_flops']:.3g}"),
+        ("hyperparameters", f"peak lr {p['lr']:.3g}, batch {_si(p['batch_tokens_opt'])} tokens (DeepSeek LLM fits)"),
+    ]
+    if p.get("compute_optimal"):
+        co = p["compute_optimal"]
+        rows.append(("inference-aware", f"{_si(p['inference_tokens'])} inference tokens: same loss as the "
+                     f"compute-optimal {_si(co['params'])} x {_si(co['tokens'])}; training FLOPs "
+                     f"{p['compute_flops']:.3g}, with inference {p['total_flops_with_inference']:.3g}"))
+    if p["layout"]:
+        lay = p["layout"]
+        mem = p["memory_breakdown_gib"]
+        rows += [
+            ("hardware", f"{p['gpus']} x {p['gpu']}, MFU {p['mfu']:.0%}"),
+            ("layout", f"tp {lay['tp']}, pp {lay['pp']}, dp {lay['dp']} (FSDP), micro-batch {lay['micro_batch']}"
+                       + (f" x {lay['pp_microbatches']} pipeline chunks" if lay["pp"] > 1 else "")
+                       + f", grad-accum {lay['grad_accum']}, global batch {_si(lay['global_batch_tokens'])} tokens, "
+                       f"recompute {lay['activation_checkpoint']}, {p['steps']:,} steps"),
+            ("memory/GPU", f"{p['memory_gib_per_gpu']:.1f} GiB of {p['memory_usable_gib']:.1f} GiB usable: "
+                           + ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")),
+            ("cost", f"{p['gpu_hours']:,.0f} GPU-hours, {p['wall_days']:.1f} days, ${p['cost_usd']:,.0f}, "
+                     + ("energy n/a" if p["energy_kwh"] is None else f"{p['energy_kwh']:,.0f} kWh")),
+        ]
+        rows += [(f"assumed: {k}", v) for k, v in p["assumptions"].items()]
+    else:
+        rows.append(("layout/cost", "pass --gpu NAME [--gpus N] for a layout, memory and cost"))
+    for key in ("out", "plot"):
+        if p.get(key):
+            rows.append(("wrote", p[key]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+# ---------------------------------------------------------------- fit
+def fit_command(args) -> int:
+    from kiln.planner.fit import fit_law, load_points, save_law
+    from kiln.planner.laws import load_law_file
+    from kiln.planner.plot import plot_fit
+
+    if args.bootstrap < 0:
+        raise KilnError("--bootstrap must be >= 0")
+    points = load_points(args.runs)
+    n, d, l = zip(*points)
+    result = fit_law(n, d, l, bootstrap=args.bootstrap)
+    save_law(result, points, args.out)
+    law = load_law_file(Path(args.out))
+    plot_path = args.plot or str(Path(args.out).with_suffix(".png"))
+    plot_fit(points, law, plot_path)
+    result.update({"law_file": args.out, "plot": plot_path})
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    iv = result.get("intervals") or {}
+    print(f"fitted L(N, D) = E + A/N^alpha + B/D^beta to {len(points)} runs (Huber delta 1e-3 on log L, L-BFGS)")
+    for k in ("E", "A", "B", "alpha", "beta", "a"):
+        ci = f"  [{iv[k][0]:.4g}, {iv[k][1]:.4g}] 95% bootstrap ({result['bootstrap']})" if k in iv else ""
+        label = "a = beta/(alpha+beta)" if k == "a" else k
+        print(f"  {label:<22}{result[k]:.4g}{ci}")
+    print(f"wrote {args.out} (use: kiln plan --law {args.out} ...) and {plot_path}")
+    return 0
+
+
+# ---------------------------------------------------------------- estimate
+HINTS = {
+    "activations": "set parallel.activation_checkpoint=full, lower train.micro_batch, or raise parallel.tp/pp",
+    "logits": "lower train.micro_batch or raise parallel.tp",
+    "optimizer": "use more GPUs (FSDP shards it over dp_shard) or raise parallel.tp/pp",
+    "grads": "use more GPUs (FSDP shards it over dp_shard) or raise parallel.tp/pp",
+    "weights": "use more GPUs (FSDP shards it over dp_shard) or raise parallel.tp/pp",
+    "comm_buffers": "raise parallel.tp to shrink each layer's all-gather",
+}
+
+
+def estimate_command(args) -> int:
+    from kiln.cli import load_from_args
+    from kiln.planner.estimate import estimate
+
+    nums = _numbers(args)
+    cfg = load_from_args(args)
+    result = estimate(cfg, args.gpu, _gpus(args.gpus), mfu=nums.get("mfu"), price=nums.get("price_per_gpu_hour"),
+                      pue=nums.get("pue") or 1.2, headroom=nums.get("headroom") or 0.9)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_estimate(result))
+    if not result["fits"]:
+        term = result["largest_term"]
+        mem = result["memory_breakdown_gib"]
+        sys.stdout.flush()
+        raise KilnError(f"does not fit: {mem['total']:.1f} GiB per GPU > {result['memory_usable_gib']:.1f} GiB usable "
+                        f"on {result['gpu']}; largest term {term} {mem[term]:.1f} GiB ({HINTS[term]})")
+    return 0
+
+
+def render_estimate(r: dict) -> str:
+    lay = r["layout"]
+    lines = [f"{r['params']:,} parameters on {r['gpus']} x {r['gpu']}: tp {lay['tp']}, pp {lay['pp']}, "
+             f"dp {lay['dp']} (shard {lay['dp_shard']}, ZeRO-{lay['zero']}), micro-batch {lay['micro_batch']}, "
+             f"recompute {lay['activation_checkpoint']}",
+             f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable:"]
+    for k, v in r["memory_breakdown_gib"].items():
+        lines.append(f"  {k:<13}{v:10.2f}")
+    if r.get("gpu_hours") is not None:
+        energy = "n/a" if r["energy_kwh"] is None else f"{r['energy_kwh']:,.0f} kWh"
+        lines.append(f"{_si(r['tokens'])} tokens: {r['gpu_hours']:,.0f} GPU-hours, {r['wall_days']:.2f} days, "
+                     f"${r['cost_usd']:,.0f}, {energy} (MFU {r['mfu']:.0%}; assumptions: "
+                     f"{'; '.join(r['assumptions'].values())})")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""`kiln estimate`: the planner's memory and cost model applied to an existing config."""
+from __future__ import annotations
+
+from kiln.config import Config, resolve_world
+from kiln.planner import cost as costs
+from kiln.planner.hardware import lookup
+from kiln.planner.memory import GIB, Layout, memory_breakdown
+
+
+def layout_of(cfg: Config, gpus: int) -> Layout:
+    world = resolve_world(cfg, gpus)
+    p = cfg.parallel
+    chunks = (p.pp_microbatches or p.pp) if p.pp > 1 else 1
+    native = p.engine == "native"
+    return Layout(tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
+                  dp_shard=world["dp_shard"] if native else world["dp_replicate"] * world["dp_shard"],
+                  zero=3 if native else p.zero_stage,
+                  micro_batch=max(1, cfg.train.micro_batch // chunks), pp_microbatches=chunks,
+                  activation_checkpoint=p.activation_checkpoint, sequence_parallel=p.sequence_parallel,
+                  schedule="gpipe" if p.pp_schedule == "gpipe" else "1f1b")
+
+
+def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: float | None = None,
+             pue: float = costs.DEFAULT_PUE, headroom: float = 0.9) -> dict:
+    from kiln.model import count_params, flops_per_token
+
+    acc = lookup(gpu)
+    lay = layout_of(cfg, gpus)
+    flash = cfg.model.attention != "math"
+    mem = memory_breakdown(cfg.model, cfg.data.seq_len, lay, flash=flash)
+    if cfg.parallel.engine == "deepspeed" and cfg.parallel.offload_optimizer:
+        mem["total"] -= mem["optimizer"]
+        mem["optimizer"] = 0.0  # offloaded to host memory
+    usable = acc.memory_bytes * headroom
+    terms = {k: v for k, v in mem.items() if k != "total"}
+    largest = max(terms, key=terms.get)
+    per_step = cfg.train.global_batch_tokens or cfg.train.micro_batch * cfg.data.seq_len * lay.dp
+    tokens = cfg.train.steps * per_step
+    used_mfu = mfu or costs.DEFAULT_MFU
+    run = costs.run_cost(flops_per_token(cfg.model, cfg.data.seq_len) * tokens, acc, gpus, used_mfu, price, pue)
+    return {
+        "gpu": acc.name, "gpus": gpus, "params": count_params(cfg.model), "tokens": tokens,
+        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "dp_shard": lay.shard, "zero": lay.zero,
+                   "micro_batch": lay.micro_batch, "pp_microbatches": lay.pp_microbatches,
+                   "activation_checkpoint": lay.activation_checkpoint},
+        "memory_breakdown_gib": {k: v / GIB for k, v in mem.items()},
+        "memory_gib_per_gpu": mem["total"] / GIB, "memory_usable_gib": usable / GIB,
+        "fits": mem["total"] <= usable, "largest_term": largest,
+        "mfu": used_mfu, "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
+        "energy_kwh": run.energy_kwh,
+        "assumptions": {"mfu": f"{used_mfu:.0%}" + ("" if mfu else " assumed"),
+                        "price": f"${run.price_usd_per_hour:g}/GPU-hour" + ("" if price else f" ({acc.price_note})"),
+                        "power": f"TDP {acc.tdp_w} W x PUE {pue:g}" if acc.tdp_w else "energy n/a"},
+    }
