@@ -1,0 +1,121 @@
+"""DeepSpeed as the data-parallel engine (`parallel.engine: deepspeed`, `pip install kiln[deepspeed]`).
+
+ZeRO stage 0-3 with optional optimizer CPU offload, DP-only layouts. The runtime has the same
+interface as the native one; differences the train loop should know:
+- `build_optimizers(make)` wraps `make(model)` (a torch AdamW: DeepSpeed's own Adam compiles a
+  C++ op) in `deepspeed.initialize` and returns `[that torch optimizer]`, so setting
+  `param_groups[i]["lr"]` keeps working; the engine steps it.
+- DeepSpeed clips inside `engine.step()` (`gradient_clipping` = optim.grad_clip), so
+  `clip_grad_norm_` cannot see this step's norm before the step: it returns the norm DeepSpeed
+  measured at the previous optimizer step (0.0 before the first).
+- Checkpoints: use `engine.save_checkpoint` / `load_checkpoint` (ZeRO partitions are not DTensors).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import Config
+from kiln.errors import KilnError
+from kiln.parallel.mesh import check_layout
+from kiln.parallel.parallelize import mixed_precision_dtype
+from kiln.parallel.runtime import cross_entropy, materialize, pick_device
+
+
+def accumulation_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-batches per optimizer step, as the train loop counts them (DeepSpeed must agree)."""
+    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
+    target = cfg.train.global_batch_tokens
+    return 1 if target is None else max(1, target // per_micro)
+
+
+def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
+    p = cfg.parallel
+    zero: dict = {"stage": p.zero_stage}
+    if p.offload_optimizer:
+        if p.zero_stage == 0:
+            raise KilnError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+        zero["offload_optimizer"] = {"device": "cpu"}
+    bf16 = mixed_precision_dtype(cfg, device) == torch.bfloat16
+    return {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accumulation_steps(cfg, dp_size),
+        "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 1 << 30,
+    }
+
+
+class DeepSpeedRuntime:
+    def __init__(self, cfg: Config, model: nn.Module, device: torch.device, rank: int, world_size: int):
+        self.cfg = cfg
+        self.mesh = None
+        self.model_parts = [model]
+        self.device = device
+        self.dp_rank, self.dp_size = rank, world_size
+        self.is_last_stage = True
+        self.engine = None
+
+    def build_optimizers(self, make) -> list:
+        import deepspeed
+
+        optimizer = make(self.model_parts[0])
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=self.model_parts[0], optimizer=optimizer,
+            config=deepspeed_config(self.cfg, self.dp_size, self.device))
+        self.model_parts = [self.engine.module]
+        return [optimizer]
+
+    def _engine(self):
+        if self.engine is None:
+            raise KilnError("deepspeed engine: call runtime.build_optimizers(...) before training")
+        return self.engine
+
+    def _loss(self, batch: dict) -> torch.Tensor:
+        doc = batch.get("doc_ids")
+        logits = self._engine()(batch["input"].to(self.device), None if doc is None else doc.to(self.device))
+        return cross_entropy(logits, batch["target"].to(self.device))
+
+    def forward_backward(self, batch: dict, loss_scale: float) -> torch.Tensor:
+        engine = self._engine()
+        loss = self._loss(batch)
+        engine.backward(loss * loss_scale, scale_wrt_gas=False)
+        if not engine.is_gradient_accumulation_boundary():
+            engine.step()  # only advances DeepSpeed's micro-step counter
+        return loss.detach()
+
+    @torch.no_grad()
+    def eval_loss(self, batch: dict) -> torch.Tensor:
+        return self._loss(batch)
+
+    def clip_grad_norm_(self, max_norm: float) -> float:
+        norm = self._engine().get_global_grad_norm()
+        return 0.0 if norm is None else float(norm)
+
+    def reduce_mean(self, value: float | None) -> float:
+        import torch.distributed as dist
+
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t) / self.dp_size
+
+    def optimizer_step(self, optimizers: list) -> None:
+        engine = self._engine()
+        if not engine.is_gradient_accumulation_boundary():
+            raise KilnError("deepspeed engine: optimizer_step before the last accumulation micro-batch")
+        engine.step()
+        engine.zero_grad()
+
+
+def setup_deepspeed(cfg: Config, model: nn.Module, world_size: int, rank: int) -> DeepSpeedRuntime:
+    check_layout(cfg, world_size)
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        raise KilnError("parallel.engine=deepspeed needs DeepSpeed: pip install 'kiln[deepspeed]'") from None
+    device = pick_device(cfg.train.device, rank)
+    materialize(model, cfg.train.seed)
+    return DeepSpeedRuntime(cfg, model.to(device), device, rank, world_size)
