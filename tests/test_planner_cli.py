@@ -1,0 +1,96 @@
+"""`kiln plan` and `kiln estimate` end to end through the CLI."""
+import json
+import math
+
+import pytest
+
+from kiln.cli import main
+from kiln.config import load_config
+
+REQUIRED = ("compute_flops", "params", "tokens", "tokens_per_param", "predicted_loss", "model", "layout",
+            "memory_gib_per_gpu", "gpu", "gpus", "mfu", "gpu_hours", "wall_days", "cost_usd", "energy_kwh")
+
+
+def run_json(capsys, *argv):
+    assert main(["plan", *argv, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_plan_json_out_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "plan.yaml", tmp_path / "plan.png"
+    p = run_json(capsys, "--flops", "1e21", "--gpu", "h100", "--gpus", "8", "--out", str(out), "--plot", str(png))
+    for key in REQUIRED:
+        assert key in p
+    assert set(p["model"]) >= {"n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "seq_len",
+                               "params_exact"}
+    assert set(p["layout"]) >= {"tp", "pp", "dp", "micro_batch", "grad_accum", "global_batch_tokens"}
+    assert p["compute_flops"] == pytest.approx(1e21)
+    assert abs(p["params"] / p["params_opt"] - 1) <= 0.03
+    assert p["memory_gib_per_gpu"] <= 80e9 * 0.9 / 2**30
+    # cost by hand: PaLM FLOPs / (989 TFLOP/s x 40%) and $3/GPU-hour, 700 W x 1.2
+    hours = p["model_flops"] / (989e12 * 0.4) / 3600
+    assert p["gpu_hours"] == pytest.approx(hours)
+    assert p["wall_days"] == pytest.approx(hours / 8 / 24)
+    assert p["cost_usd"] == pytest.approx(3.0 * hours)
+    assert p["energy_kwh"] == pytest.approx(hours * 0.7 * 1.2)
+    assert png.stat().st_size > 10_000
+
+    cfg = load_config([str(out)])
+    lay = p["layout"]
+    assert cfg.parallel.tp == lay["tp"] and cfg.parallel.pp == lay["pp"] and cfg.parallel.dp_shard == lay["dp"]
+    assert cfg.cluster.nodes * cfg.cluster.gpus_per_node == 8
+    assert cfg.train.global_batch_tokens == lay["global_batch_tokens"]
+    assert cfg.train.global_batch_tokens % (cfg.train.micro_batch * cfg.data.seq_len * lay["dp"]) == 0
+    assert cfg.train.steps == math.ceil(p["tokens"] / lay["global_batch_tokens"])
+    assert cfg.model.d_model == p["model"]["d_model"] and cfg.data.seq_len == p["model"]["seq_len"]
+    assert cfg.optim.lr == pytest.approx(p["lr"], rel=1e-2)
+
+
+def test_days_budget_is_spent_in_model_flops(capsys):
+    p = run_json(capsys, "--gpu", "h100", "--gpus", "64", "--days", "10")
+    assert p["wall_days"] == pytest.approx(10, rel=0.01)
+
+
+def test_usd_budget(capsys):
+    p = run_json(capsys, "--gpu", "a100", "--budget-usd", "50000", "--price-per-gpu-hour", "2")
+    assert p["cost_usd"] == pytest.approx(50000, rel=0.01)
+
+
+def test_fixed_params_and_tokens(capsys):
+    p = run_json(capsys, "--params", "1B", "--tokens", "20B")
+    assert p["tokens"] == 20e9 and abs(p["params"] / 1e9 - 1) <= 0.03 and p["layout"] is None
+    q = run_json(capsys, "--params", "1B")
+    assert 15 < q["tokens_per_param"] < 30
+
+
+def test_compare_lists_all_laws(capsys):
+    assert main(["plan", "--flops", "5.76e23", "--compare", "--json"]) == 0
+    rows = {r["law"]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch", "kaplan"}
+    assert rows["chinchilla-3"]["params_opt"] == pytest.approx(40e9, rel=0.03)
+    assert rows["chinchilla-1"]["predicted_loss"] is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["--flops", "0"], ["--flops=-1e21"], ["--flops", "1e40"], ["--flops", "lots"],
+    ["--flops", "1e21", "--gpu", "rtx9090"], ["--flops", "1e21", "--days", "3", "--gpu", "h100", "--gpus", "8"],
+    ["--days", "3"], ["--params", "7B", "--tokens", "1T", "--flops", "1e21"], [],
+    ["--flops", "1e21", "--gpu", "h100", "--gpus=-4"], ["--flops", "1e21", "--gpu", "h100", "--mfu", "2"],
+    ["--flops", "1e21", "--law", "nope"], ["--flops", "1e21", "--out", "x.yaml"],
+])
+def test_bad_input_one_line_exit_2(argv, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kiln: ")
+
+
+def test_estimate_fits_and_refuses(tmp_path, capsys):
+    args = ["configs/model/8b.yaml", "data.synthetic=markov", "data.seq_len=8192", "train.micro_batch=1"]
+    assert main(["estimate", *args, "--gpu", "h100", "--gpus", "8", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    assert est["fits"] and est["params"] == 8_030_261_248
+    assert est["memory_breakdown_gib"]["optimizer"] == pytest.approx(12 * 8_030_261_248 / 8 / 2**30, rel=1e-6)
+    assert main(["estimate", "configs/model/70b.yaml", "data.synthetic=markov", "data.seq_len=8192",
+                 "--gpu", "h100", "--gpus", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not fit" in err[0] and "activations" in err[0]

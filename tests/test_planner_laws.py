@@ -1,0 +1,66 @@
+"""Scaling laws against the papers' own numbers (Hoffmann et al. 2022, Besiroglu et al. 2024)."""
+import math
+
+import pytest
+from scipy.optimize import minimize_scalar
+
+from kiln.planner.laws import LAWS, TABLE3, TABLE_A3, ParametricLaw, inference_optimum
+
+
+@pytest.mark.parametrize("params,flops,tokens", TABLE3)
+def test_chinchilla1_reproduces_table3(params, flops, tokens):
+    n, d = LAWS["chinchilla-1"].optimum(flops)
+    assert n == pytest.approx(params, rel=0.05)
+    # The 67B row prints 1.5T tokens, but 5.76e23 / (6 x 67e9) = 1.43T: the row itself is 4.5% off 6ND.
+    # Check tokens against the paper's printed value where the row is consistent, else against C/(6N).
+    consistent = abs(flops / (6 * params * tokens) - 1) < 0.03
+    assert d == pytest.approx(tokens if consistent else flops / (6 * params), rel=0.05)
+
+
+@pytest.mark.parametrize("params,flops,tokens", TABLE_A3)
+def test_chinchilla2_reproduces_table_a3_params(params, flops, tokens):
+    assert LAWS["chinchilla-2"].optimum(flops)[0] == pytest.approx(params, rel=0.05)
+    assert LAWS["chinchilla-2"].exponents[0] == 0.49
+
+
+def test_chinchilla3_gopher_budget_gives_40b():
+    n, d = LAWS["chinchilla-3"].optimum(5.76e23)
+    assert n == pytest.approx(40e9, rel=0.03)  # the paper: "40B parameters"
+    assert 6 * n * d == pytest.approx(5.76e23)
+
+
+def test_rounded_exponents_move_the_optimum_to_32b():
+    rounded = ParametricLaw("rounded", 1.69, 406.4, 410.7, 0.34, 0.28)
+    assert rounded.optimum(5.76e23)[0] == pytest.approx(32e9, rel=0.05)
+
+
+def test_epoch_gives_about_20_tokens_per_param_near_1e23():
+    n, d = LAWS["epoch"].optimum(1e23)
+    assert 17 < d / n < 23
+
+
+@pytest.mark.parametrize("name", ["chinchilla-3", "epoch"])
+@pytest.mark.parametrize("c", [1e19, 1e22, 1e25])
+def test_closed_form_is_the_isoflop_minimum(name, c):
+    """Independent oracle: minimise L(N, C/6N) numerically along the IsoFLOP curve."""
+    law = LAWS[name]
+    res = minimize_scalar(lambda x: law.loss(math.exp(x), c / (6 * math.exp(x))), bounds=(10, 35),
+                          method="bounded", options={"xatol": 1e-10})
+    assert law.optimum(c)[0] == pytest.approx(math.exp(res.x), rel=1e-3)
+
+
+def test_kaplan_exponent_and_units():
+    n, _ = LAWS["kaplan"].optimum(8.64e19)  # one PF-day
+    assert n == pytest.approx(1.3e9)
+    assert LAWS["kaplan"].exponents[0] == 0.73
+
+
+def test_inference_optimum_same_loss_smaller_model_cheaper_total():
+    law, c, t = LAWS["epoch"], 1e23, 1e13
+    n0, d0 = law.optimum(c)
+    n, d = inference_optimum(law, c, t)
+    assert law.loss(n, d) == pytest.approx(law.loss(n0, d0), rel=1e-9)
+    assert n < n0 and d > d0
+    assert 6 * n * d + 2 * n * t < 6 * n0 * d0 + 2 * n0 * t
+    # no inference: the compute-optimal point itself
+    assert inference_optimum(law, c, 0.0)[0] == pytest.approx(n0, rel=1e-3)

@@ -1,0 +1,72 @@
+"""Memory terms against hand-computed values; hardware table lookups."""
+import pytest
+
+from kiln.config import ModelConfig
+from kiln.errors import KilnError
+from kiln.planner.hardware import lookup, peak_flops
+from kiln.planner.memory import DDP_BUCKETS, Layout, activation_bytes_per_layer, memory_breakdown
+
+# d 1024, 4 layers, 8 heads (MHA), ffn 2816, vocab 1000
+M = ModelConfig(vocab_size=1000, d_model=1024, n_layers=4, n_heads=8, ffn_dim=2816, max_seq_len=512)
+LAYER = 2 * 1024**2 + 2 * 1024 * 1024 + 3 * 1024 * 2816  # matrices per layer
+S, B = 512, 2
+SBH = S * B * 1024
+
+
+def test_korthikanti_activation_rows():
+    assert activation_bytes_per_layer(M, S, B, 1, False, "none", flash=False) == SBH * (34 + 5 * 8 * S / 1024)
+    assert activation_bytes_per_layer(M, S, B, 1, False, "none", flash=True) == SBH * 34
+    assert activation_bytes_per_layer(M, S, B, 2, False, "none", flash=False) == SBH * (10 + 24 / 2 + 5 * 8 * S / (1024 * 2))
+    assert activation_bytes_per_layer(M, S, B, 2, True, "none", flash=False) == SBH * (34 / 2 + 5 * 8 * S / (1024 * 2))
+    assert activation_bytes_per_layer(M, S, B, 2, True, "selective", flash=False) == SBH * 34 / 2
+    assert activation_bytes_per_layer(M, S, B, 1, False, "full") == 2 * SBH
+
+
+def test_breakdown_tp2_fsdp4_by_hand():
+    lay = Layout(tp=2, pp=1, dp=4, micro_batch=B, activation_checkpoint="none", sequence_parallel=True)
+    mem = memory_breakdown(M, S, lay, flash=False)
+    p = 4 * (LAYER / 2 + 2 * 1024) + 2 * 1000 * 1024 / 2 + 1024  # params on one GPU before FSDP
+    assert mem["weights"] == pytest.approx(2 * p / 4)
+    assert mem["grads"] == pytest.approx(4 * p / 4)
+    assert mem["optimizer"] == pytest.approx(12 * p / 4)
+    assert mem["activations"] == pytest.approx(4 * SBH * (34 / 2 + 5 * 8 * S / 2048))
+    assert mem["logits"] == pytest.approx(4 * S * B * 1000 / 2)
+    assert mem["comm_buffers"] == pytest.approx(2 * 2 * LAYER / 2 + 4 * LAYER / 2 + 2 * SBH)
+    assert mem["total"] == pytest.approx(sum(v for k, v in mem.items() if k != "total"))
+
+
+def test_breakdown_pp2_1f1b_full_recompute_ddp():
+    lay = Layout(tp=1, pp=2, dp=2, zero=0, micro_batch=B, pp_microbatches=8, activation_checkpoint="full",
+                 sequence_parallel=False)
+    mem = memory_breakdown(M, S, lay)
+    p = 2 * (LAYER + 2 * 1024) + 1000 * 1024 + 1024  # two layers and one table per stage
+    assert mem["weights"] == 2 * p and mem["grads"] == 4 * p and mem["optimizer"] == 12 * p  # no sharding
+    # 1F1B: first stage holds pp=2 micro-batches of 2 layers' inputs, plus one layer live in recompute
+    assert mem["activations"] == pytest.approx(2 * 2 * 2 * SBH + 34 * SBH)
+    assert mem["comm_buffers"] == pytest.approx(DDP_BUCKETS + 2 * 2 * SBH)
+    gpipe = memory_breakdown(M, S, Layout(**{**lay.__dict__, "schedule": "gpipe"}))
+    assert gpipe["activations"] == pytest.approx(8 * 2 * 2 * SBH + 34 * SBH)
+
+
+def test_zero_stages_shard_progressively():
+    base = dict(tp=1, pp=1, dp=8, micro_batch=1)
+    z = {k: memory_breakdown(M, S, Layout(zero=k, **base)) for k in range(4)}
+    assert z[1]["optimizer"] == z[0]["optimizer"] / 8 and z[1]["grads"] == z[0]["grads"]
+    assert z[2]["grads"] == z[0]["grads"] / 8 and z[2]["weights"] == z[0]["weights"]
+    assert z[3]["weights"] == z[0]["weights"] / 8
+
+
+@pytest.mark.parametrize("name,tflops", [
+    ("NVIDIA H200", 989), ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100-SXM4-40GB", 312), ("NVIDIA A100 80GB PCIe", 312),
+    ("Tesla V100-SXM2-32GB", 125), ("NVIDIA B200", 2250), ("AMD Instinct MI300X", 1307),
+    ("NVIDIA H100 NVL", None), ("NVIDIA GH200 480GB", None), ("NVIDIA L40S", None), ("cpu", None), ("", None),
+    (None, None)])
+def test_peak_flops_matches_device_names_and_never_guesses(name, tflops):
+    assert peak_flops(name) == (None if tflops is None else tflops * 1e12)
+
+
+def test_lookup_unknown_lists_known():
+    assert lookup("H100-SXM").name == "h100"
+    with pytest.raises(KilnError, match="known: .*h100.*h200"):
+        lookup("rtx9090")
