@@ -53,6 +53,9 @@ def launch_local(worker: Sequence[str], nproc: int, max_restarts: int = 0,
     if max_restarts < 0:
         raise KilnError(f"--max-restarts must be >= 0, got {max_restarts}")
     _worker_env()
+    # Workers must not share the agent's rendezvous store: after a restart they would read the dead
+    # attempt's gloo/NCCL addresses from it (pytorch/pytorch#135712). Each attempt gets a fresh store.
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"kiln-{uuid.uuid4().hex[:8]}",
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=max_restarts,
                           monitor_interval=0.5, start_method="spawn")
