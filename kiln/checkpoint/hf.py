@@ -224,6 +224,15 @@ def _special_ids(data_dir: Optional[Path]) -> dict[str, Optional[int]]:
     return found
 
 
+def _special_tokens(tokenizer_json: Path, special: dict[str, Optional[int]]) -> dict[str, str]:
+    """{"eos_token": "<|endoftext|>", ...} for the ids we know, so `AutoTokenizer` sets them."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    names = {k: tok.id_to_token(v) for k, v in special.items() if v is not None}
+    return {f"{k}_token": v for k, v in names.items() if v is not None}
+
+
 def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
     """Write `source` as a Hugging Face Llama directory; returns the files written."""
     cfg, m = source.cfg, source.cfg.model
@@ -245,7 +254,8 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
     files += ["config.json", "generation_config.json"]
     if data_dir is not None:
         shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
-        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.max_seq_len}
+        tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.max_seq_len,
+                   **_special_tokens(data_dir / "tokenizer.json", special)}
         (out_dir / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         files += ["tokenizer.json", "tokenizer_config.json"]
     return files

@@ -10,10 +10,12 @@ DCP itself writes, so a planted checkpoint cannot run code.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -59,6 +61,14 @@ class SafeFileSystemReader(FileSystemReader):
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+@contextlib.contextmanager
+def _single_process():
+    """Silence DCP's reminder that no process group exists: converters run in one process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def is_kiln_checkpoint(path: Path) -> bool:
@@ -137,7 +147,8 @@ class KilnCheckpointReader:
             wanted = {n: torch.empty(tuple(md.size), dtype=md.properties.dtype)
                       for n, md in self.meta.items() if self._group(n) == group}
             state = {MODEL_KEY: wanted}
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(self.step_dir)), no_dist=True)
+            with _single_process():
+                dcp.load(state, storage_reader=SafeFileSystemReader(str(self.step_dir)), no_dist=True)
             self._cache, self._cached_group = state[MODEL_KEY], group
         return self._cache[name]
 
@@ -156,7 +167,8 @@ def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, s
         raise KilnError(f"{step_dir} already exists; choose an empty --out directory")
     step_dir.mkdir(parents=True, exist_ok=True)
     state = {MODEL_KEY: {k: v.detach().contiguous() for k, v in model_state.items()}}
-    dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
+    with _single_process():
+        dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
     text = to_yaml(cfg)
     (step_dir / "config.yaml").write_text(text)
     (out / "config.yaml").write_text(text)

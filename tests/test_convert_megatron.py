@@ -1,0 +1,215 @@
+"""kiln <-> Megatron-Core GPT. Oracle: megatron-core itself. Each rank builds a `GPTModel`
+(local layer spec) on CPU from the matching TransformerConfig, loads its converted file with
+`strict=True`, and runs its own decoder (RoPE, fused QKV, SwiGLU, vocab-parallel output) on
+the same tokens as kiln; logits must agree. Then Megatron -> kiln must give back the exact
+tensors. Megatron's forward pins three things to CUDA (RoPE table, a scratch buffer and the
+dropout RNG tracker) and a tied PP model syncs its embedding copies through CUDA at
+construction; the workers route around those on CPU, changing no arithmetic."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from kiln.checkpoint.convert import convert
+from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
+from kiln.checkpoint.megatron import rank_dir_name
+from kiln.config import Config, ModelConfig, ffn_dim
+from kiln.errors import KilnError
+from kiln.model.llama import Transformer
+
+pytest.importorskip("megatron.core")
+SEQ = 12
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False) -> tuple[Transformer, Config]:
+    m = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                    max_seq_len=64, tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-6, attention="math",
+                    init_std=0.1)
+    cfg = Config(model=m)
+    cfg.data.seq_len = 32
+    torch.manual_seed(0)
+    model = Transformer(m)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.add_(torch.randn_like(p) * 0.1)
+    return model.eval(), cfg
+
+
+def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, padded_vocab: int, ckpt: str,
+            tokens: torch.Tensor, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    result: dict = {"rank": rank}
+    try:
+        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        from megatron.core.models.common.language_module.language_module import LanguageModule
+
+        parallel_state.initialize_model_parallel(tp, pp)
+        # A tied model under PP syncs its two embedding copies at construction through .cuda();
+        # the weights come from the checkpoint anyway, so skip that initial sync on CPU.
+        LanguageModule._is_in_embd_group = lambda self: False
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        config = TransformerConfig(
+            num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
+            num_query_groups=m.n_kv_heads or m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
+            layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
+            bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
+            attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
+        model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=padded_vocab,
+                         max_sequence_length=m.max_seq_len, position_embedding_type="rope", rotary_base=int(m.rope_theta),
+                         share_embeddings_and_output_weights=m.tie_embeddings,
+                         pre_process=pp_rank == 0, post_process=pp_rank == pp - 1).eval()
+        path = Path(ckpt) / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+        state = torch.load(path, weights_only=True)["model"]
+        model.load_state_dict(state, strict=True)
+        result["loaded"] = str(path.relative_to(ckpt))
+        result["equal"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if v is not None)
+        if pp == 1:
+            class _NoFork:
+                def fork(self, *args, **kwargs):
+                    return contextlib.nullcontext()
+
+            tensor_parallel.get_cuda_rng_tracker = lambda *a, **k: _NoFork()
+            parallel_state.get_global_memory_buffer().buffer[("mpu", torch.float32)] = torch.empty(1 << 20)
+            with torch.no_grad():
+                hidden = model.embedding(input_ids=tokens, position_ids=torch.arange(SEQ)[None].expand(len(tokens), -1))
+                freqs = model.rotary_pos_emb.get_freqs_non_repeated(SEQ)
+                rope = torch.cat((freqs, freqs), dim=-1)[:, None, None, :]
+                mask = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), 1)[None, None]
+                hidden = model.decoder(hidden, attention_mask=mask, rotary_pos_emb=rope)
+                weight = model.shared_embedding_or_output_weight() if m.tie_embeddings else None
+                logits, _ = model.output_layer(hidden, weight=weight)
+            result["logits"] = logits.transpose(0, 1).tolist()  # [b, s, vocab / tp]
+            result["vocab_slice"] = [tp_rank * padded_vocab // tp, (tp_rank + 1) * padded_vocab // tp]
+    except Exception as exc:  # report to the parent instead of hanging the group
+        import traceback
+        result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def run_megatron(tmp: Path, ckpt: Path, cfg: Config, tp: int, pp: int, tokens: torch.Tensor) -> list[dict]:
+    out = tmp / f"results_tp{tp}_pp{pp}"
+    out.mkdir()
+    meta = json.loads((ckpt / "megatron_config.json").read_text())
+    mp.start_processes(_worker, args=(tp * pp, _free_port(), tp, pp, cfg.model, meta["padded_vocab_size"], str(ckpt),
+                                      tokens, str(out)), nprocs=tp * pp, start_method="spawn", join=True)
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(tp * pp)]
+    for r in results:
+        assert "error" not in r, r["error"]
+        assert r["equal"]
+    return results
+
+
+def check_logits(model: Transformer, tokens: torch.Tensor, results: list[dict], label: str) -> float:
+    with torch.no_grad():
+        ours = model(tokens)
+    worst = 0.0
+    for r in results:
+        lo, hi = r["vocab_slice"]
+        theirs = torch.tensor(r["logits"])
+        hi_real = min(hi, ours.shape[-1])
+        worst = max(worst, (ours[..., lo:hi_real] - theirs[..., : hi_real - lo]).abs().max().item())
+    print(f"{label}: max abs logit diff kiln vs megatron-core = {worst:.3g}")
+    return worst
+
+
+def assert_same_as(model: Transformer, kiln_dir: Path) -> None:
+    reader = KilnCheckpointReader(kiln_dir)
+    assert reader.cfg.model.vocab_size == model.cfg.vocab_size
+    for name, t in model.state_dict().items():
+        assert torch.equal(reader.get(name), t), name
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["gqa", "tied_padded_vocab"])
+def test_megatron_tp1_logits_and_roundtrip(tmp_path, case):
+    model, cfg = make_model(tie=True, vocab=500, n_kv_heads=None) if case != "gqa" else make_model()
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore")
+    assert (tmp_path / "mcore/latest_checkpointed_iteration.txt").read_text() == "release"
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, SEQ), generator=torch.Generator().manual_seed(3))
+    results = run_megatron(tmp_path, tmp_path / "mcore", cfg, 1, 1, tokens)
+    assert check_logits(model, tokens, results, f"tp1 {case}") <= 1e-5
+    summary = convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    assert summary["source_format"] == "megatron"
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.timeout(300)
+def test_megatron_tp2_each_rank_loads_its_split(tmp_path):
+    model, cfg = make_model(n_heads=4, n_kv_heads=2)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore", tp=2)
+    assert sorted(p.name for p in (tmp_path / "mcore/release").iterdir()) == ["mp_rank_00", "mp_rank_01"]
+    tokens = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    results = run_megatron(tmp_path, tmp_path / "mcore", cfg, 2, 1, tokens)
+    assert check_logits(model, tokens, results, "tp2 gqa") <= 1e-5
+    convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.timeout(300)
+def test_megatron_pp2_tied_loads_per_stage_and_roundtrips(tmp_path):
+    model, cfg = make_model(tie=True)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore", pp=2)
+    names = sorted(p.name for p in (tmp_path / "mcore/release").iterdir())
+    assert names == ["mp_rank_00_000", "mp_rank_00_001"]
+    last = torch.load(tmp_path / "mcore/release/mp_rank_00_001/model_optim_rng.pt", weights_only=True)["model"]
+    assert "decoder.layers.0.input_layernorm.weight" in last and "decoder.layers.1.input_layernorm.weight" not in last
+    assert torch.equal(last["output_layer.weight"], model.tok_embeddings.weight)
+    run_megatron(tmp_path, tmp_path / "mcore", cfg, 1, 2, torch.zeros(1, SEQ, dtype=torch.long))
+    convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    assert_same_as(model, tmp_path / "back")
+
+
+def test_megatron_errors_name_the_tensor(tmp_path):
+    model, cfg = make_model()
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    with pytest.raises(KilnError, match="--tp 3"):
+        convert(tmp_path / "run", "megatron", tmp_path / "bad", tp=3)
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore")
+    path = tmp_path / "mcore/release/mp_rank_00/model_optim_rng.pt"
+    blob = torch.load(path, weights_only=True)
+    blob["model"]["decoder.layers.0.self_attention.linear_qkv.bias"] = torch.zeros(128)
+    torch.save(blob, path)
+    with pytest.raises(KilnError, match="linear_qkv.bias"):
+        convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    del blob["model"]["decoder.layers.0.self_attention.linear_qkv.bias"]
+    blob["model"]["decoder.layers.1.mlp.linear_fc2.weight"] = torch.zeros(64, 100)
+    torch.save(blob, path)
+    with pytest.raises(KilnError, match="layers.1.feed_forward.w2.weight"):
+        convert(tmp_path / "mcore", "kiln", tmp_path / "back2")
+    blob["evil"] = contextlib.nullcontext  # a pickled callable must not be loaded
+    torch.save(blob, path)
+    with pytest.raises(KilnError, match="weights_only"):
+        convert(tmp_path / "mcore", "kiln", tmp_path / "back3")
