@@ -126,13 +126,14 @@ def test_tokenizer_files_are_copied(tmp_path):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|eos|>"]))
     tok.save(str(data / "tokenizer.json"))
-    (data / "manifest.json").write_text(json.dumps({"eos_id": 0}))
+    (data / "manifest.json").write_text(json.dumps({"tokenizer": {"name": "bpe", "eos_id": 0}}))
     model, cfg = make_model(**CASES["tied"])
     cfg.data.path = str(data)
     write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
     convert(tmp_path / "run", "hf", tmp_path / "hf")
     loaded = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert loaded("hello world")["input_ids"] == tok.encode("hello world").ids
+    assert loaded.eos_token == "<|eos|>" and loaded.eos_token_id == 0
     assert json.loads((tmp_path / "hf/generation_config.json").read_text())["eos_token_id"] == 0
     assert json.loads((tmp_path / "hf/config.json").read_text())["eos_token_id"] == 0
 
