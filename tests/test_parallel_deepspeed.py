@@ -32,7 +32,7 @@ def _ddp_run(cfg, rank, world) -> dict:
         total = torch.zeros(1)
         for micro in range(ACCUM):
             b = batch_for(step, micro, rank, cfg)
-            loss = F.cross_entropy(ddp(b["input"]).flatten(0, 1), b["target"].flatten())
+            loss = F.cross_entropy(ddp(b["input"], b["doc_ids"]).flatten(0, 1), b["target"].flatten())
             (loss / ACCUM).backward()
             total += loss.detach() / ACCUM
         torch.distributed.all_reduce(total)

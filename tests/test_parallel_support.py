@@ -30,8 +30,9 @@ def batch_for(step: int, micro: int, dp_rank: int, cfg) -> dict:
     b, s = cfg.train.micro_batch, cfg.data.seq_len
     g = torch.Generator().manual_seed(1000 * step + micro)
     tokens = torch.randint(0, cfg.model.vocab_size, (64, s + 1), generator=g)
-    rows = tokens[dp_rank * b:(dp_rank + 1) * b]
-    return {"input": rows[:, :-1].contiguous(), "target": rows[:, 1:].contiguous()}
+    docs = (torch.rand(64, s, generator=g) < 0.1).long().cumsum(1)  # packed documents (block-causal)
+    rows, doc_ids = tokens[dp_rank * b:(dp_rank + 1) * b], docs[dp_rank * b:(dp_rank + 1) * b]
+    return {"input": rows[:, :-1].contiguous(), "target": rows[:, 1:].contiguous(), "doc_ids": doc_ids}
 
 
 def global_batch(step: int, micro: int, dp: int, cfg) -> dict:
@@ -58,7 +59,7 @@ def reference_run(cfg, dp: int) -> dict:
         total = 0.0
         for micro in range(ACCUM):
             b = global_batch(step, micro, dp, cfg)
-            loss = F.cross_entropy(model(b["input"]).flatten(0, 1), b["target"].flatten())
+            loss = F.cross_entropy(model(b["input"], b["doc_ids"]).flatten(0, 1), b["target"].flatten())
             (loss / ACCUM).backward()
             total += loss.item() / ACCUM
         if step == 0:
