@@ -224,10 +224,12 @@ class _Stream:
                         yield np.full(B, d, dtype=np.int64), before, {"batches": k + 1}
                     k += 1
 
-    def make_batch(self, ch: np.ndarray, before: list[int]) -> dict:
+    def read_batch(self, ch: np.ndarray, before: list[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The batch's windows in the storage dtype (compact: this is what crosses the process boundary),
+        and, with document_mask, where a new document starts."""
         S1 = self.seq_len + 1
-        rows = np.empty((len(ch), S1), dtype=np.int64)
-        cuts = np.zeros((len(ch), S1), dtype=bool) if self.document_mask else None
+        rows = np.empty((len(ch), S1), dtype=self.sources[0].dtype)
+        starts = np.zeros((len(ch), S1), dtype=bool) if self.document_mask else None
         for d, src in enumerate(self.sources):
             mask = ch == d
             n = int(np.count_nonzero(mask))
@@ -235,23 +237,32 @@ class _Stream:
                 continue
             order_fn = lambda e, s=src: s.order(e, self.split == "train", self.seed, self.dp_rank, self.shuffle_buffer)
             tokens, cut = src.read(before[d] * S1, (before[d] + n) * S1, order_fn)
-            rows[mask] = tokens.reshape(n, S1)
-            if cuts is not None:
-                eos_before = np.zeros((n, S1), dtype=bool)
-                t = tokens.reshape(n, S1)
-                eos_before[:, 1:] = t[:, :-1] == src.eos_id
-                cuts[mask] = cut.reshape(n, S1) | eos_before
-        window = torch.from_numpy(rows)
-        batch = {"input": window[:, :-1].contiguous(), "target": window[:, 1:].contiguous()}
-        if cuts is not None:
-            cuts[:, 0] = False
-            batch["doc_ids"] = torch.from_numpy(np.cumsum(cuts[:, :-1], axis=1))
-        return batch
+            tokens = tokens.reshape(n, S1)
+            rows[mask] = tokens
+            if starts is not None:
+                cut = cut.reshape(n, S1)
+                cut[:, 1:] |= tokens[:, :-1] == src.eos_id
+                starts[mask] = cut
+        return rows, starts
 
-    def batches(self, state: dict, worker: int, num_workers: int) -> Iterator[dict]:
+    def batches(self, state: dict, worker: int, num_workers: int) -> Iterator[tuple]:
         for k, (ch, before, _) in enumerate(self.plan(state)):
             if k % num_workers == worker:
-                yield self.make_batch(ch, before)
+                yield self.read_batch(ch, before)
+
+
+def _to_tensors(packed: tuple[np.ndarray, Optional[np.ndarray]]) -> dict:
+    rows, starts = packed
+    window = torch.from_numpy(rows.astype(np.int64))
+    batch = {"input": window[:, :-1].contiguous(), "target": window[:, 1:].contiguous()}
+    if starts is not None:
+        starts[:, 0] = False
+        batch["doc_ids"] = torch.from_numpy(np.cumsum(starts[:, :-1], axis=1))
+    return batch
+
+
+def _as_is(item):
+    return item  # keep numpy: a pickled compact array is cheaper than a shared-memory int64 tensor
 
 
 class _Workers(tud.IterableDataset):
@@ -292,9 +303,10 @@ class TokenLoader:
         if self.num_workers == 0:
             source = self.stream.batches(start, 0, 1)
         else:
-            source = iter(tud.DataLoader(_Workers(self.stream, start), batch_size=None,
+            source = iter(tud.DataLoader(_Workers(self.stream, start), batch_size=None, collate_fn=_as_is,
                                          num_workers=self.num_workers, prefetch_factor=4))
-        for batch in source:
+        for packed in source:
+            batch = _to_tensors(packed)
             _, _, self._state = next(plan)
             yield batch
 
