@@ -335,6 +335,24 @@ class TokenLoader:
             self._state = {"batches": int(state["batches"])}
 
 
+def remap_data_state(states: dict, dp_rank: int, dp_size: int) -> dict:
+    """Map train states saved under another DP size onto `dp_rank` of `dp_size`.
+
+    Rank slices change with the DP size, so no exact continuation exists; this keeps each dataset's
+    epoch progress: the windows all old ranks consumed are split evenly over the new ranks.
+    """
+    old = [states[k] for k in sorted(states, key=int)]
+    if not old or any(s.get("split") != "train" for s in old):
+        raise KilnError("data loader state: expected the saved train states of every old rank")
+    new = dict(old[0])
+    new["consumed"] = [sum(s["consumed"][d] for s in old) // dp_size for d in range(len(old[0]["consumed"]))]
+    new["windows"] = sum(s["windows"] for s in old) // dp_size
+    new.update(dp_rank=dp_rank, dp_size=dp_size)
+    log.warning("data: resuming %d-rank loader state on %d ranks: epoch progress kept, sample order differs "
+                "from an uninterrupted run", len(old), dp_size)
+    return new
+
+
 def build_loader(data_cfg, *, split: str, micro_batch: int, dp_rank: int, dp_size: int,
                  vocab_size: int) -> TokenLoader:
     """A loader for one DP rank. Checks manifests (vocab, tokenizer) and this rank's shards first."""
