@@ -38,7 +38,7 @@ def job_state(job_id: str) -> dict:
     lines = _query(["squeue", "-h", "-j", job_id, "-o", "%T|%r|%M"])
     if lines:
         state, reason, elapsed = lines[0].split("|")
-        return {"state": state, "reason": reason, "elapsed": elapsed, "source": "squeue"}
+        return {"state": state, "reason": "" if reason == "None" else reason, "elapsed": elapsed, "source": "squeue"}
     for cmd, source in ((["sacct", "-j", job_id, "-X", "-n", "-P", "-o", "State,ExitCode"], "sacct"),
                         (["sacct", "-c", "-j", job_id, "-n", "-P", "-o", "State,ExitCode"], "sacct -c")):
         lines = _query(cmd)
