@@ -244,3 +244,21 @@ def test_more_workers_than_shards_still_yields_in_order(tmp_path):
     got = _take(build_loader(_cfg(path, num_workers=4), split="train", micro_batch=2, dp_rank=0, dp_size=1,
                              vocab_size=257), 12)
     assert all(torch.equal(x["input"], y["input"]) for x, y in zip(ref, got))
+
+
+def test_state_saved_on_two_ranks_resumes_on_one_with_epoch_progress_kept(tmp_path):
+    from kiln.data.loader import remap_data_state
+
+    path = _make(tmp_path, "ds")
+    states = {}
+    for rank in range(2):
+        loader = build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=rank, dp_size=2,
+                              vocab_size=257)
+        _take(loader, 5)
+        states[str(rank)] = json.loads(json.dumps(loader.state_dict()))
+    single = build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+                          vocab_size=257)
+    single.load_state_dict(remap_data_state(states, 0, 1))
+    assert single.state_dict()["consumed"] == [20] and single.state_dict()["dp_size"] == 1
+    with pytest.raises(KilnError, match="seq_len"):
+        single.load_state_dict({**states["0"], "seq_len": 99})

@@ -321,11 +321,14 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION or state.get("split") != self.stream.split:
             raise KilnError(f"data loader state: expected a v{STATE_VERSION} {self.stream.split} state")
-        for key in ("seq_len", "datasets"):
+        if len(state.get("datasets", [])) != len(self.meta["datasets"]):
+            raise KilnError(f"data loader state: {len(state.get('datasets', []))} dataset(s) saved, "
+                            f"{len(self.meta['datasets'])} configured; cannot resume the same data order")
+        for key in ("seq_len",):
             if state.get(key) != self.meta[key]:
                 raise KilnError(f"data loader state: {key} was {state.get(key)!r}, now {self.meta[key]!r}; "
                                 f"cannot resume the same data order")
-        for key in ("dp_size", "micro_batch", "seed"):
+        for key in ("dp_size", "micro_batch", "seed", "datasets"):
             if state.get(key) != self.meta[key]:
                 log.warning("data loader state: %s changed %s -> %s; the data order after resume differs "
                             "from an uninterrupted run", key, state.get(key), self.meta[key])
