@@ -21,6 +21,7 @@ setup(
         "pyarrow>=14",
         "matplotlib>=3.7",
         "scipy>=1.10",
+        "threadpoolctl>=3",
     ],
     extras_require={
         "gpu": ["flash-attn>=2.6"],
