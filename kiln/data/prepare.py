@@ -26,7 +26,7 @@ from kiln.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, ShardWriter, dtyp
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.data")
-CHUNK_BYTES = 1 << 20  # text per task sent to a tokenizer process
+CHUNK_BYTES = 1 << 18  # text per task sent to a tokenizer process
 DEFAULT_SAMPLE_TOKENS = 2048
 
 _worker_tok: Optional[toks.Tokenizer] = None
@@ -159,33 +159,34 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
     chunks = _chunks(sources.read_documents(files, text_field, max_bytes), _Splitter(val_fraction), stats)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=(not progress) if progress is not None else None, smoothing=0.1)
-    tokens = 0
+    tokens = docs_done = 0
     t0 = time.time()
 
-    def consume(result, nbytes):
-        nonlocal tokens
+    def consume(result, nbytes, ndocs):
+        nonlocal tokens, docs_done
         train_ids, val_ids, n = result
+        docs_done += ndocs
         writers[0].add(train_ids)
         writers[1].add(val_ids)
         tokens += n
         bar.update(nbytes)
-        bar.set_postfix(docs=stats["documents"], tok_s=f"{tokens / max(time.time() - t0, 1e-9):.3g}", refresh=False)
+        bar.set_postfix(docs=docs_done, tok_s=f"{tokens / max(time.time() - t0, 1e-9):.3g}", refresh=False)
 
     if num_proc <= 1:
         for texts, splits, nbytes in chunks:
-            consume(encode_with(tok, texts, splits), nbytes)
+            consume(encode_with(tok, texts, splits), nbytes, len(texts))
     else:
         ctx = mp.get_context("spawn")  # tokenizers' thread pool is not fork-safe
         with ctx.Pool(num_proc, _init_worker, ("byte" if tok.name == "byte" else "json", tok.to_str(), tok.eos_id)) as pool:
             pending: collections.deque = collections.deque()
             for texts, splits, nbytes in chunks:
-                pending.append((pool.apply_async(_encode_chunk, (texts, splits)), nbytes))
+                pending.append((pool.apply_async(_encode_chunk, (texts, splits)), nbytes, len(texts)))
                 while len(pending) > 2 * num_proc:
-                    res, nb = pending.popleft()
-                    consume(res.get(), nb)
+                    res, nb, nd = pending.popleft()
+                    consume(res.get(), nb, nd)
             while pending:
-                res, nb = pending.popleft()
-                consume(res.get(), nb)
+                res, nb, nd = pending.popleft()
+                consume(res.get(), nb, nd)
     bar.close()
     if stats["documents"] == 0:
         raise KilnError(f"data prepare: the inputs ({len(files)} file(s)) contain no text")
