@@ -6,8 +6,6 @@ import json
 import logging
 import sys
 
-from kiln.errors import KilnError
-
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare token shards from text; inspect them",
