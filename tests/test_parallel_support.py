@@ -41,8 +41,9 @@ def global_batch(step: int, micro: int, dp: int, cfg) -> dict:
 
 
 def make_adamw(module, cfg):
+    """foreach=True on purpose: multi-tensor kernels refuse a mix of DTensors and plain tensors."""
     return torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
-                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+                             eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay, foreach=True)
 
 
 def reference_run(cfg, dp: int) -> dict:

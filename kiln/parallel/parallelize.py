@@ -61,6 +61,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         top["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
+    if model.norm is not None and not sequence_parallel:
+        replicate_on_mesh(model.norm, tp_mesh)
     for block in model.layers.values():
         plan = {
             # (x, rope, doc_ids): only x is a DTensor-to-be; rope and doc_ids stay replicated tensors.
@@ -80,7 +82,25 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
+        else:
+            replicate_on_mesh(block.attention_norm, tp_mesh)
+            replicate_on_mesh(block.ffn_norm, tp_mesh)
         parallelize_module(block, tp_mesh, plan)
+
+
+def replicate_on_mesh(module: nn.Module, mesh) -> None:
+    """Make a module's parameters replicated DTensors (plain tensors in, plain tensors out), so
+    that every parameter of a TP model is a DTensor: foreach/fused optimizers refuse a mix."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(_module, inputs, device_mesh):
+        return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+    def to_local(_module, output, _device_mesh):
+        return output.to_local() if isinstance(output, DTensor) else output
+
+    distribute_module(module, mesh, input_fn=to_dtensor, output_fn=to_local)
 
 
 def _selective_policy():
