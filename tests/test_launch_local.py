@@ -133,3 +133,24 @@ def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path,
     assert {k: got[k] for k in ("step", "tokens", "data_state")} == \
            {k: reference[k] for k in ("step", "tokens", "data_state")}
     assert got["loss"] == pytest.approx(reference["loss"], abs=1e-6)
+
+
+def test_open_mpi_gets_the_flags_it_needs(tmp_path):
+    from kiln.launcher.local import mpiexec_command
+
+    fake = tmp_path / "mpiexec"
+    fake.write_text("#!/bin/sh\necho 'mpiexec (OpenRTE) 4.1.4'\n")
+    fake.chmod(0o755)
+    cmd = mpiexec_command(str(fake), 4, "python", ["-m", "kiln.cli", "train", "c.yaml"])
+    assert cmd[:4] == [str(fake), "-n", "4", "--oversubscribe"]
+    assert ("--allow-run-as-root" in cmd) == (os.geteuid() == 0)
+    fake.write_text("#!/bin/sh\necho 'HYDRA build details:'\n")
+    assert mpiexec_command(str(fake), 2, "python", ["w.py"]) == [str(fake), "-n", "2", "python", "w.py"]
+
+
+def test_missing_mpiexec_is_one_clear_line(tmp_path):
+    done = subprocess.run(_launch_cmd(tmp_path, "nompi", "--launcher", "mpi", "--mpiexec", str(tmp_path / "nope")),
+                          env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"kiln: mpiexec {str(tmp_path / 'nope')!r} not found"
+    assert "Traceback" not in done.stderr
