@@ -58,7 +58,12 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the flags: `kiln launch c.yaml --nproc 2 train.steps=9`
+        if hasattr(args, "config") and all("=" in e and not e.startswith("-") for e in extra):
+            args.config += extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

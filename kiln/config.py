@@ -249,8 +249,11 @@ def from_yaml_text(text: str) -> Config:
 
 
 def config_hash(cfg: Config) -> str:
-    """A short hash of the model shape: checkpoints refuse to load into a different model."""
-    return hashlib.sha256(OmegaConf.to_yaml(OmegaConf.structured(cfg.model)).encode()).hexdigest()[:16]
+    """A short hash of the model's tensor shapes: checkpoints refuse to load into a different
+    shape, but not into a recipe that only renames the model or changes its attention kernel."""
+    m = cfg.model
+    shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads, ffn_dim(m), m.tie_embeddings)
+    return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
 
 def ffn_dim(m: ModelConfig) -> int:

@@ -126,7 +126,9 @@ def train(cfg: Config) -> dict:
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
     elif cfg.checkpoint.init_from:
-        ckpt.load(Path(cfg.checkpoint.init_from), rt.model_parts, None, config_hash(cfg))
+        from kiln.checkpoint.kiln_format import resolve_step_dir
+
+        ckpt.load(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, None, config_hash(cfg))
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)

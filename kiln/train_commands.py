@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import sys
 
 from kiln.cli import add_config_args, load_from_args
 
@@ -29,15 +31,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args) -> int:
+    import torch.distributed as dist
+
+    from kiln.errors import KilnError
     from kiln.launcher.bootstrap import shutdown
     from kiln.train import train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     cfg = load_from_args(args)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except KilnError as exc:
+        if not dist.is_initialized():
+            raise
+        # A worker of a job: report and leave at once. No collectives (other ranks may be stuck in one);
+        # the launcher tears the rest of the job down.
+        print(f"kiln: {exc}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(exc.exit_code)
     if args.json:
         print(json.dumps(summary))
-    shutdown(requeue=summary["requeue"])
+    shutdown(requeue=summary["requeue"] and summary["stopped_early"])
     return 0
 
 

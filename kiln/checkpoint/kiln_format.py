@@ -173,7 +173,8 @@ def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, s
     (step_dir / "config.yaml").write_text(text)
     (out / "config.yaml").write_text(text)
     files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir()) if p.is_file()}
-    meta = {"step": step, "tokens": 0, "config_hash": config_hash(cfg), "source": "kiln convert", "files": files}
+    meta = {"step": step, "tokens": 0, "config_hash": config_hash(cfg), "source": "kiln convert",
+            "model_only": True, "files": files}
     (step_dir / META).write_text(json.dumps(meta, indent=1))
     tmp = ckpts / "latest.tmp"
     tmp.write_text(step_dir.name)

@@ -166,10 +166,15 @@ class CheckpointManager:
         if expect_hash and meta.get("config_hash") not in (None, expect_hash):
             raise KilnError(f"checkpoint {path} was saved for a different model shape "
                             f"(config hash {meta.get('config_hash')} != {expect_hash}); see its config.yaml")
+        from kiln.checkpoint.kiln_format import SafeFileSystemReader
+
+        if meta.get("model_only"):  # imported weights (kiln convert): the optimizer starts fresh
+            optimizers = None
         state: dict = {"model": model_state(model_parts)}
         if optimizers:
             state["optim"] = optim_state(model_parts, optimizers)
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        # DCP's .metadata is a pickle: read it with an unpickler that admits only DCP's own classes.
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
         load_model_state(model_parts, state["model"])
         if optimizers:
             opts = StateDictOptions(flatten_optimizer_state_dict=True)

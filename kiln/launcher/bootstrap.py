@@ -250,7 +250,7 @@ def shutdown(rank_info: Optional[RankInfo] = None, *, requeue: bool = False, exi
             import torch
 
             backend = dist.get_backend()
-            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            device = torch.device("cuda", info.local_rank) if backend == "nccl" else torch.device("cpu")
             flag = torch.tensor([1.0 if requeue else 0.0], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # doubles as the barrier
             requeue = bool(flag.item())
