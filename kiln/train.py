@@ -54,7 +54,7 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
 
         source = MarkovSource(cfg.data.synthetic_vocab, seed=cfg.data.seed)
         return MarkovLoader(source, seq_len=cfg.data.seq_len, micro_batch=micro, seed=cfg.data.seed,
-                            dp_rank=dp_rank, split=split,
+                            dp_rank=dp_rank, dp_size=dp_size, split=split,
                             max_batches=None if split == "train" else cfg.train.eval_steps)
     from kiln.data.loader import build_loader as build_shard_loader
 
@@ -119,10 +119,8 @@ def train(cfg: Config) -> dict:
         states = meta.get("data_state") or {}
         if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
             train_loader.load_state_dict(states[str(rt.dp_rank)])
-        elif states:  # a different DP size: the data package maps old positions onto the new ranks
-            from kiln.data.loader import remap_data_state
-
-            train_loader.load_state_dict(remap_data_state(states, rt.dp_rank, rt.dp_size))
+        elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
+            train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
     elif cfg.checkpoint.init_from:

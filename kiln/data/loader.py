@@ -285,6 +285,11 @@ class TokenLoader:
         self.stream, self.num_workers, self.meta = stream, num_workers, meta
         self._state = self._initial_state()
 
+    @staticmethod
+    def remap_state(states: dict, dp_rank: int, dp_size: int) -> dict:
+        """Saved states of every old DP rank -> this rank's state under a new DP size."""
+        return remap_data_state(states, dp_rank, dp_size)
+
     def _initial_state(self) -> dict:
         if self.stream.split == "train":
             return {"windows": 0, "consumed": [0] * len(self.stream.sources)}

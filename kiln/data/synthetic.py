@@ -10,6 +10,8 @@ import zlib
 import numpy as np
 import torch
 
+from kiln.errors import KilnError
+
 
 class MarkovSource:
     def __init__(self, vocab: int, seed: int, concentration: float = 0.3):
@@ -38,18 +40,22 @@ class MarkovSource:
 
 
 class MarkovLoader:
-    """Batches of Markov sequences, deterministic in (seed, split, dp_rank, batch index): resumable exactly."""
+    """Batches of Markov sequences. Batch g of the global stream is a pure function of (seed, split, g),
+    and DP rank r of n takes g = i*n + r for its i-th batch, so the global batch of a step is the same
+    for every DP size: resume exactly, or across layouts."""
 
     def __init__(self, source: MarkovSource, *, seq_len: int, micro_batch: int, seed: int, dp_rank: int,
-                 split: str, max_batches: int | None = None):
+                 dp_size: int, split: str, max_batches: int | None = None):
         self.source, self.seq_len, self.micro_batch = source, seq_len, micro_batch
-        self.seed, self.dp_rank, self.split, self.max_batches = seed, dp_rank, split, max_batches
+        self.seed, self.dp_rank, self.dp_size, self.split = seed, dp_rank, dp_size, split
+        self.max_batches = max_batches
         self.batches_yielded = 0
 
     def __iter__(self):
         index = self.batches_yielded if self.split == "train" else 0
         while self.max_batches is None or index < self.max_batches:
-            g = torch.Generator().manual_seed(_batch_seed(self.seed, self.split, self.dp_rank, index))
+            global_index = index * self.dp_size + self.dp_rank
+            g = torch.Generator().manual_seed(_batch_seed(self.seed, self.split, global_index))
             window = self.source.sample(self.micro_batch, self.seq_len + 1, g)
             index += 1
             if self.split == "train":
@@ -57,12 +63,22 @@ class MarkovLoader:
             yield {"input": window[:, :-1], "target": window[:, 1:]}
 
     def state_dict(self) -> dict:
-        return {"kind": "markov", "batches_yielded": self.batches_yielded}
+        return {"kind": "markov", "batches_yielded": self.batches_yielded, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
         self.batches_yielded = int(state["batches_yielded"])
 
+    @staticmethod
+    def remap_state(states: dict, dp_rank: int, dp_size: int) -> dict:
+        """Ranks advance in lockstep, so the global position is batches_yielded * old DP size."""
+        old = next(iter(states.values()))
+        consumed = old["batches_yielded"] * old["dp_size"]
+        if consumed % dp_size:
+            raise KilnError(f"data loader state: {consumed} global batches consumed cannot be split over "
+                            f"{dp_size} data-parallel ranks without repeating or skipping one")
+        return {"kind": "markov", "batches_yielded": consumed // dp_size, "dp_size": dp_size}
 
-def _batch_seed(seed: int, split: str, dp_rank: int, index: int) -> int:
+
+def _batch_seed(seed: int, split: str, index: int) -> int:
     """Stable across processes (Python's str hash is salted per process)."""
-    return zlib.crc32(f"{seed}/{split}/{dp_rank}/{index}".encode())
+    return zlib.crc32(f"{seed}/{split}/{index}".encode())
