@@ -335,5 +335,16 @@ def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:
     return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
 
 
+def grad_accum_steps(cfg: Config, dp_size: int) -> int:
+    """Micro-steps per optimizer step so that a step sees train.global_batch_tokens tokens."""
+    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
+    target = cfg.train.global_batch_tokens
+    if target is None:
+        return 1
+    _check(target % per_micro == 0, "train.global_batch_tokens",
+           f"{target} is not a multiple of micro_batch*seq_len*dp = {per_micro}")
+    return target // per_micro
+
+
 def as_dict(cfg: Any) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.checkpoint.manager import CheckpointManager
-from kiln.config import Config, ConfigError, config_hash, to_yaml
+from kiln.config import Config, config_hash, grad_accum_steps, to_yaml
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu
 from kiln.model import Transformer, flops_per_token
@@ -32,18 +32,6 @@ class NonFiniteLoss(KilnError):
 
 def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.train.run_dir) / cfg.train.name
-
-
-def grad_accum_steps(cfg: Config, dp_size: int) -> int:
-    """Micro-steps per optimizer step so that a step sees train.global_batch_tokens tokens."""
-    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
-    target = cfg.train.global_batch_tokens
-    if target is None:
-        return 1
-    if target % per_micro:
-        raise ConfigError("train.global_batch_tokens",
-                          f"{target} is not a multiple of micro_batch*seq_len*dp = {per_micro}")
-    return target // per_micro
 
 
 def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
@@ -80,10 +68,11 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training to cfg.train.steps. Returns a summary for the caller."""
     from kiln.launcher.bootstrap import detect_rank
     from kiln.launcher.signals import install_requeue_handler
-    from kiln.parallel import setup_parallel
+    from kiln.parallel import check_layout, setup_parallel
     from kiln.parallel.runtime import pick_device
 
     info = detect_rank()
+    check_layout(cfg, info.world_size)  # config errors before any process group exists
     _init_distributed(info.world_size, pick_device(cfg.train.device).type)
     rank = info.rank
     run_dir = run_dir_of(cfg)
@@ -106,6 +95,7 @@ def train(cfg: Config) -> dict:
     rt = setup_parallel(cfg, model, info.world_size, rank)
     optimizers = rt.build_optimizers(
         lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
+    engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
 
@@ -114,7 +104,7 @@ def train(cfg: Config) -> dict:
     step, tokens = 0, 0
     resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
     if resume_from is not None:
-        meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg))
+        meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg), engine=engine)
         step, tokens = meta["step"], meta["tokens"]
         states = meta.get("data_state") or {}
         if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
@@ -143,7 +133,8 @@ def train(cfg: Config) -> dict:
         nonlocal last_saved
         if cfg.checkpoint.enabled and last_saved != at_step:
             meta = {"tokens": tokens, "config_hash": config_hash(cfg), "dp_size": rt.dp_size}
-            ckpt.save(at_step, rt.model_parts, optimizers, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg))
+            ckpt.save(at_step, rt.model_parts, optimizers, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg),
+                      engine=engine)
             last_saved = at_step
 
     try:

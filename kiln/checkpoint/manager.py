@@ -100,8 +100,9 @@ class CheckpointManager:
 
     # ---------- saving ----------
     def save(self, step: int, model_parts: list, optimizers: list, meta: dict, data_state: dict | None,
-             dp_rank: int, config_yaml: str) -> None:
-        """Collective: every rank calls it at the same step. Waits for an earlier async save first."""
+             dp_rank: int, config_yaml: str, engine=None) -> None:
+        """Collective: every rank calls it at the same step. Waits for an earlier async save first.
+        With a DeepSpeed `engine`, its own ZeRO files are written (synchronously) in the same layout."""
         self.wait()
         final = self.dir / step_dir_name(step)
         tmp = self.dir / (step_dir_name(step) + ".tmp")
@@ -113,6 +114,13 @@ class CheckpointManager:
         meta = dict(meta, step=step, saved_at=time.time(),
                     data_state={str(r["dp_rank"]): r["data"] for r in per_rank if r["data"] is not None},
                     rng=[r["rng"] for r in per_rank])
+        if engine is not None:
+            engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
+            meta["engine"] = "deepspeed"
+            _barrier()
+            self._finalize(tmp, final, meta, config_yaml)
+            _barrier()
+            return
         state = {"model": model_state(model_parts), "optim": optim_state(model_parts, optimizers)}
         if self.async_save:
             future = dcp.async_save(state, checkpoint_id=str(tmp))
@@ -160,12 +168,21 @@ class CheckpointManager:
         """The checkpoint `latest` names if it is whole, else the newest whole one before it."""
         return find_resumable(self.dir)
 
-    def load(self, path: Path, model_parts: list, optimizers: list | None, expect_hash: str | None) -> dict:
+    def load(self, path: Path, model_parts: list, optimizers: list | None, expect_hash: str | None,
+             engine=None) -> dict:
         """Collective: restore model (and optimizer) state into this rank's parts; returns meta."""
         meta = check_checkpoint(path)
         if expect_hash and meta.get("config_hash") not in (None, expect_hash):
             raise KilnError(f"checkpoint {path} was saved for a different model shape "
                             f"(config hash {meta.get('config_hash')} != {expect_hash}); see its config.yaml")
+        if (meta.get("engine") == "deepspeed") != (engine is not None):
+            raise KilnError(f"checkpoint {path} was saved by the {meta.get('engine', 'native')} engine and this run "
+                            f"uses the {'deepspeed' if engine is not None else 'native'} engine; convert it first: "
+                            f"kiln convert {path} --to kiln --out NEW_DIR")
+        if engine is not None:
+            _load_deepspeed(engine, path, with_optimizer=bool(optimizers))
+            _restore_rng(meta)
+            return meta
         from kiln.checkpoint.kiln_format import SafeFileSystemReader
 
         if meta.get("model_only"):  # imported weights (kiln convert): the optimizer starts fresh
@@ -180,10 +197,27 @@ class CheckpointManager:
             opts = StateDictOptions(flatten_optimizer_state_dict=True)
             for part, opt in zip(model_parts, optimizers):
                 set_optimizer_state_dict(part, opt, state["optim"], options=opts)
-        rng = meta.get("rng") or []
-        if rng:
-            _set_rng_state(rng[_rank() % len(rng)])
+        _restore_rng(meta)
         return meta
+
+
+def _restore_rng(meta: dict) -> None:
+    rng = meta.get("rng") or []
+    if rng:
+        _set_rng_state(rng[_rank() % len(rng)])
+
+
+def _load_deepspeed(engine, path: Path, with_optimizer: bool) -> None:
+    """DeepSpeed's loader unpickles freely, so every file is first proven to hold only tensors,
+    plain data and DeepSpeed's few own classes (torch's weights-only unpickler)."""
+    from kiln.checkpoint.deepspeed_format import screen
+
+    for f in sorted(Path(path).glob("*.pt")):
+        screen(f)
+    load_path, _ = engine.load_checkpoint(str(Path(path).parent), tag=Path(path).name,
+                                          load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise KilnError(f"checkpoint {path}: DeepSpeed could not load it")
 
 
 def check_checkpoint(path: Path) -> dict:

@@ -16,8 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kiln.config import Config, resolve_world, to_yaml
+from kiln.config import Config, to_yaml
 from kiln.errors import KilnError
+from kiln.parallel.mesh import check_layout
 
 log = logging.getLogger("kiln.launcher")
 
@@ -26,7 +27,7 @@ def prepare_run(cfg: Config, nproc: int) -> Path:
     """Check the layout against the world size and save the resolved config the workers will read."""
     if nproc < 1:
         raise KilnError(f"--nproc must be >= 1, got {nproc}")
-    resolve_world(cfg, nproc)
+    check_layout(cfg, nproc)
     run_dir = (Path(cfg.train.run_dir) / cfg.train.name).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.yaml"

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kiln.config import Config, ConfigError, resolve_world, to_yaml
+from kiln.config import Config, ConfigError, to_yaml
 from kiln.errors import KilnError
+from kiln.parallel.mesh import check_layout
 
 SCRIPT_NAME = "submit.sbatch"
 JOB_ID_FILE = "slurm_job_id"
@@ -155,7 +156,7 @@ def render(cfg: Config, python: Optional[str] = None, workdir: Optional[Path] = 
     """Render the sbatch script for `cfg` (nothing is written)."""
     ntasks = tasks_per_node(cfg)
     world = cfg.cluster.nodes * ntasks
-    resolve_world(cfg, world)  # layout errors surface now, not after the job waited in the queue
+    check_layout(cfg, world)  # layout errors surface now, not after the job waited in the queue
     run_dir = run_dir_of(cfg)
     workdir = (workdir or Path.cwd()).resolve()
     python = python or ("python3" if cfg.cluster.container_image else sys.executable)

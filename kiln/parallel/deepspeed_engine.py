@@ -15,18 +15,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.config import Config
+from kiln.config import Config, grad_accum_steps
 from kiln.errors import KilnError
 from kiln.parallel.mesh import check_layout
 from kiln.parallel.parallelize import mixed_precision_dtype
 from kiln.parallel.runtime import cross_entropy, materialize, pick_device
-
-
-def accumulation_steps(cfg: Config, dp_size: int) -> int:
-    """Micro-batches per optimizer step, as the train loop counts them (DeepSpeed must agree)."""
-    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
-    target = cfg.train.global_batch_tokens
-    return 1 if target is None else max(1, target // per_micro)
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
@@ -39,7 +32,7 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
     bf16 = mixed_precision_dtype(cfg, device) == torch.bfloat16
     return {
         "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
-        "gradient_accumulation_steps": accumulation_steps(cfg, dp_size),
+        "gradient_accumulation_steps": grad_accum_steps(cfg, dp_size),
         "gradient_clipping": cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": bf16},
