@@ -58,27 +58,48 @@ def _take(loader, n):
     return [b for _, b in zip(range(n), loader)]
 
 
+def _global(per_rank: list[list]) -> list:
+    """Batches of all ranks in global order: rank r's i-th batch is global batch i*n + r."""
+    return [batch for step in zip(*per_rank) for batch in step]
+
+
+def _same(xs, ys) -> bool:
+    return len(xs) == len(ys) and all(x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+                                      for x, y in zip(xs, ys))
+
+
 def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
     path = _make(tmp_path, "ds")
     oracle = _oracle_samples(path)
     n = len(oracle)
     assert len(set(oracle)) == n and n >= 20
-    per_rank = {}
+    per_rank = []
     for rank in range(2):
         loader = build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=rank, dp_size=2, vocab_size=257)
-        n_rank = n * (rank + 1) // 2 - n * rank // 2
-        # micro_batch 2 x 32-token windows = one 64-token sample per batch: n_rank batches per epoch.
-        batches = _take(loader, 2 * n_rank)
-        stream = np.concatenate([_windows(b).reshape(-1) for b in batches])
-        samples = [tuple(s) for s in stream.reshape(-1, L).tolist()]
-        per_rank[rank] = (samples[:n_rank], samples[n_rank:])
-        assert loader.state_dict()["epochs"] == [2]
-    for epoch in (0, 1):
-        seen = per_rank[0][epoch] + per_rank[1][epoch]
-        assert sorted(seen) == sorted(oracle), f"epoch {epoch} is not an exact cover"
-        assert not set(per_rank[0][epoch]) & set(per_rank[1][epoch])
-    assert per_rank[0][0] != per_rank[0][1], "epochs should be shuffled differently"
-    assert per_rank[0][0] != oracle[: len(per_rank[0][0])], "train order should be shuffled"
+        per_rank.append(_take(loader, n))  # micro_batch 2 x 32-token windows = one 64-token sample per batch
+        assert loader.state_dict()["epochs"] == [2] and loader.state_dict()["windows"] == 4 * n
+    samples = [tuple(_windows(b).reshape(-1).tolist()) for b in _global(per_rank)]
+    epochs = samples[:n], samples[n:]
+    for e, seen in enumerate(epochs):
+        assert sorted(seen) == sorted(oracle), f"epoch {e} is not an exact cover"
+    for rank in range(2):  # each rank gets its share of every epoch, disjoint from the other's
+        mine = set(samples[rank::2][: n // 2])
+        assert len(mine) == n // 2 and not mine & set(samples[1 - rank::2][: n // 2])
+    assert epochs[0] != epochs[1], "epochs should be shuffled differently"
+    assert list(epochs[0]) != oracle, "train order should be shuffled"
+
+
+def test_global_stream_is_the_same_for_any_dp_size_and_micro_batch(tmp_path):
+    a = _make(tmp_path, "a")
+    cfg = _cfg(None, num_workers=0, document_mask=True,
+               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+    kw = dict(split="train", vocab_size=257)
+    single = _take(build_loader(cfg, micro_batch=2, dp_rank=0, dp_size=1, **kw), 24)
+    three = _global([_take(build_loader(cfg, micro_batch=2, dp_rank=r, dp_size=3, **kw), 8) for r in range(3)])
+    assert _same(single, three)
+    wide = _take(build_loader(cfg, micro_batch=6, dp_rank=0, dp_size=1, **kw), 8)
+    rows = lambda bs: {k: torch.cat([b[k] for b in bs]) for k in bs[0]}
+    assert _same([rows(single)], [rows(wide)])
 
 
 @pytest.mark.parametrize("mixture,document_mask", [(False, False), (True, True)])
@@ -117,24 +138,22 @@ def test_batches_have_the_contract_shapes_and_target_is_shifted_input(tmp_path):
 def test_validation_is_one_unshuffled_pass_with_equal_batches_per_rank(tmp_path):
     path = _make(tmp_path, "ds", n_docs=120, val=0.3)
     oracle = np.concatenate([np.array(s) for s in _oracle_samples(path, "val")])
-    n = len(oracle) // L
-    counts = []
+    per_rank = []
     for rank in range(2):
         loader = build_loader(_cfg(path, document_mask=True), split="val", micro_batch=2, dp_rank=rank, dp_size=2,
                               vocab_size=257)
         passes = [list(loader), list(loader)]
         assert len(passes[0]) == len(passes[1]) == len(loader) > 0
-        for x, y in zip(*passes):
-            assert torch.equal(x["input"], y["input"])
-        start = n * rank // 2 * L
-        stream = np.concatenate([_windows(b).reshape(-1) for b in passes[0]])
-        assert np.array_equal(stream, oracle[start:start + len(stream)])
+        assert _same(*passes)
         for b in passes[0]:  # unshuffled: a new document starts exactly after each EOS
             ids, inp = b["doc_ids"].numpy(), b["input"].numpy()
             expect = np.concatenate([np.zeros((len(inp), 1), int), np.cumsum(inp[:, :-1] == EOS, axis=1)], axis=1)
             assert np.array_equal(ids, expect)
-        counts.append(len(passes[0]))
-    assert counts[0] == counts[1]
+        per_rank.append(passes[0])
+    assert len(per_rank[0]) == len(per_rank[1])
+    stream = np.concatenate([_windows(b).reshape(-1) for b in _global(per_rank)])  # interleaved = manifest order
+    assert np.array_equal(stream, oracle[: len(stream)])
+    assert len(oracle) - len(stream) < 2 * 2 * (SEQ + 1), "only the tail short of one batch per rank is unused"
 
 
 def test_doc_ids_split_at_eos_and_at_shuffled_sample_joins(tmp_path):
@@ -184,29 +203,42 @@ def _entry(path, split="train", i=1):
     return json.loads((Path(path) / "manifest.json").read_text())["splits"][split]["shards"][i]["name"]
 
 
-@pytest.mark.parametrize("damage", ["flip", "truncate", "missing"])
-def test_bad_shard_fails_naming_it_or_is_skipped(tmp_path, damage, caplog):
+@pytest.mark.parametrize("damage,failing_ranks", [("flip-data", {1}), ("flip-header", {0, 1}),
+                                                   ("truncate", {0, 1}), ("missing", {0, 1})])
+def test_bad_shard_fails_naming_it_or_is_skipped_by_every_rank(tmp_path, damage, failing_ranks, caplog):
+    """Shard 1 is damaged. Under `fail` every rank checks structure and rank 1 (1 mod 2) hashes it, so
+    a bit flip in token bytes fails there; under `skip` both ranks drop it and agree on the stream."""
     path = _make(tmp_path, "ds")
     name = _entry(path)
     shard = Path(path) / name
     keep = _oracle_samples(path)
     raw = bytearray(shard.read_bytes())
-    if damage == "flip":
-        raw[1024 + 5] ^= 0xFF
+    if damage == "flip-data":
+        raw[512 + 5] ^= 0xFF  # a token of the first member
+        shard.write_bytes(bytes(raw))
+    elif damage == "flip-header":
+        raw[1024 + 5] ^= 0xFF  # the second member's name
         shard.write_bytes(bytes(raw))
     elif damage == "truncate":
         shard.write_bytes(bytes(raw[: len(raw) // 2]))
     else:
         shard.unlink()
-    kw = dict(split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
-    with pytest.raises(KilnError, match=name):
-        build_loader(_cfg(path), **kw)
-    with caplog.at_level(logging.WARNING, logger="kiln.data"):
-        loader = build_loader(_cfg(path, on_bad_shard="skip"), **kw)
-    assert "skipped 1 bad shard" in caplog.text and name in caplog.text
+    kw = dict(split="train", micro_batch=2, dp_size=2, vocab_size=257)
+    for rank in range(2):
+        if rank in failing_ranks:
+            with pytest.raises(KilnError, match=name):
+                build_loader(_cfg(path), dp_rank=rank, **kw)
+        else:
+            build_loader(_cfg(path), dp_rank=rank, **kw)
+    per_rank = []
+    for rank in range(2):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="kiln.data"):
+            per_rank.append(_take(build_loader(_cfg(path, on_bad_shard="skip"), dp_rank=rank, **kw), len(keep)))
+        assert "skipped 1 bad shard" in caplog.text and name in caplog.text
     lost = set(keep[5:10])  # shard 1 holds samples 5..9
-    seen = {tuple(s) for b in _take(loader, len(keep) - 5) for s in _windows(b).reshape(-1, L).tolist()}
-    assert seen == set(keep) - lost
+    seen = [tuple(_windows(b).reshape(-1).tolist()) for b in _global(per_rank)][: len(keep) - 5]
+    assert sorted(seen) == sorted(set(keep) - lost)
 
 
 def test_manifest_vocab_larger_than_model_is_refused(tmp_path):
@@ -227,11 +259,15 @@ def test_mixture_with_different_tokenizers_is_refused(tmp_path):
 def test_too_little_data_gives_clear_errors(tmp_path):
     path = _make(tmp_path, "ds", n_docs=3, val=0.3)
     m = json.loads((Path(path) / "manifest.json").read_text())
-    ranks = m["splits"]["train"]["samples"] + 1
-    with pytest.raises(KilnError, match=f"fewer than dp_size={ranks}"):
-        build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=0, dp_size=ranks, vocab_size=257)
-    with pytest.raises(KilnError, match="validation split"):
+    samples = m["splits"]["train"]["samples"]
+    # More ranks than samples is fine: ranks share one global stream, not the samples.
+    got = [_windows(_take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=r,
+                                       dp_size=samples + 1, vocab_size=257), 1)[0]) for r in range(samples + 1)]
+    assert {tuple(w.reshape(-1, L)[0]) for w in got[:samples]} == set(_oracle_samples(path))
+    with pytest.raises(KilnError, match="validation split too small.*dp_size"):
         build_loader(_cfg(path), split="val", micro_batch=64, dp_rank=0, dp_size=1, vocab_size=257)
+    with pytest.raises(KilnError, match="split 'val' has no samples"):
+        build_loader(_cfg(_make(tmp_path, "noval")), split="val", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
     with pytest.raises(KilnError, match="data.path"):
         build_loader(_cfg(None), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
 
@@ -246,19 +282,61 @@ def test_more_workers_than_shards_still_yields_in_order(tmp_path):
     assert all(torch.equal(x["input"], y["input"]) for x, y in zip(ref, got))
 
 
-def test_state_saved_on_two_ranks_resumes_on_one_with_epoch_progress_kept(tmp_path):
+def _run_ranks(cfg, dp_size, batches, state=None, micro_batch=2):
+    """Each rank of `dp_size` takes `batches` micro-batches, resuming from the old ranks' saved `state`."""
+    loaders = [build_loader(cfg, split="train", micro_batch=micro_batch, dp_rank=r, dp_size=dp_size, vocab_size=257)
+               for r in range(dp_size)]
+    if state is not None:
+        for r, loader in enumerate(loaders):
+            loader.load_state_dict(loader.remap_state(state, r, dp_size))
+    taken = [_take(loader, batches) for loader in loaders]
+    return taken, {str(r): json.loads(json.dumps(lo.state_dict())) for r, lo in enumerate(loaders)}
+
+
+def _step_windows(per_rank, accum):
+    """Per optimizer step (accum micro-batches on every rank), the sorted multiset of its windows."""
+    steps = []
+    for s in range(len(per_rank[0]) // accum):
+        rows = [tuple(w) for batches in per_rank for b in batches[s * accum:(s + 1) * accum] for w in _windows(b).tolist()]
+        steps.append(sorted(rows))
+    return steps
+
+
+def test_dp2_to_dp4_resume_loses_and_repeats_no_window(tmp_path):
+    """Fixed tokens per step: DP=2 x accum 2 for 3 steps, then DP=4 x accum 1 for 5 steps, must consume
+    per step exactly the windows of an uninterrupted DP=2 run (and of a DP=1 run, in global order)."""
+    a = _make(tmp_path, "a")
+    cfg = _cfg(None, num_workers=1, document_mask=True,
+               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+    steps, k = 8, 3
+    full, _ = _run_ranks(cfg, 2, 2 * steps)
+    first, saved = _run_ranks(cfg, 2, 2 * k)
+    assert len({json.dumps({**st, "dp_rank": 0}) for st in saved.values()}) == 1, "the state is global"
+    assert saved["0"]["windows"] == k * 4 * 2
+    second, after = _run_ranks(cfg, 4, steps - k, state=saved)
+    assert _step_windows(first, 2) + _step_windows(second, 1) == _step_windows(full, 2)
+    single, end = _run_ranks(cfg, 1, 4 * steps)
+    assert _same(single[0], _global(first) + _global(second)) and _same(single[0], _global(full))
+    assert {s["windows"] for s in after.values()} == {end["0"]["windows"]}
+    assert {tuple(s["consumed"]) for s in after.values()} == {tuple(end["0"]["consumed"])}
+    back, _ = _run_ranks(cfg, 1, 4 * (steps - k), state=saved)  # DP=2 -> DP=1 too
+    assert _same(back[0], single[0][4 * k:])
+
+
+def test_dp_change_that_would_split_a_micro_batch_is_refused(tmp_path):
     from kiln.data.loader import remap_data_state
 
     path = _make(tmp_path, "ds")
-    states = {}
-    for rank in range(2):
-        loader = build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=rank, dp_size=2,
-                              vocab_size=257)
-        _take(loader, 5)
-        states[str(rank)] = json.loads(json.dumps(loader.state_dict()))
-    single = build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=0, dp_size=1,
-                          vocab_size=257)
-    single.load_state_dict(remap_data_state(states, 0, 1))
-    assert single.state_dict()["consumed"] == [20] and single.state_dict()["dp_size"] == 1
+    _, saved = _run_ranks(_cfg(path, num_workers=0), 2, 3)  # 6 global batches of 2 windows
+    with pytest.raises(KilnError, match="12 windows consumed .*dp_size=4 x micro_batch=2"):
+        remap_data_state(saved, 0, 4)
+    loader = build_loader(_cfg(path), split="train", micro_batch=4, dp_rank=0, dp_size=2, vocab_size=257)
+    with pytest.raises(KilnError, match="cannot be split over dp_size=2 x micro_batch=4"):
+        loader.load_state_dict(loader.remap_state(saved, 0, 2))
+    assert remap_data_state(saved, 2, 3)["dp_rank"] == 2
     with pytest.raises(KilnError, match="seq_len"):
-        single.load_state_dict({**states["0"], "seq_len": 99})
+        loader.load_state_dict({**saved["0"], "seq_len": 99})
+    with pytest.raises(KilnError, match="disagree"):
+        remap_data_state({"0": saved["0"], "1": {**saved["1"], "windows": 14}}, 0, 1)
+    with pytest.raises(KilnError, match="v2 train state"):
+        loader.load_state_dict({**saved["0"], "version": 1})

@@ -1,29 +1,42 @@
 """Streaming, packed, resumable batches from `kiln data prepare` shards.
 
-The order of tokens a rank sees is a pure function of (manifest, split, seed, dp_rank, dp_size):
+The batches come from one global stream that is a pure function of (manifests, split, seed): the
+DP size, the micro-batch and the worker count only decide who reads which part of it.
 
-* Rank slice. The split's samples, in manifest order, are cut into `dp_size` contiguous, disjoint
-  slices (sizes differ by at most one sample): each sample belongs to exactly one rank. A rank
-  reads only the shards its slice touches, and verifies them (sha256 + tar walk) when built.
-* Epoch order (train). Per epoch e, the slice's shard segments are permuted by (seed, e), then
-  samples are permuted inside consecutive blocks of `shuffle_buffer` samples. Validation keeps
-  manifest order.
-* Packing. The epoch orders, concatenated epoch after epoch, form one endless token stream per
-  rank; window w is tokens [w*(S+1), (w+1)*(S+1)), input = window[:-1], target = window[1:].
-  Windows cross document and sample boundaries; an epoch's tail flows into the next epoch, so
-  every token is used exactly once per epoch.
-* Mixtures. Output window g of a rank is drawn from dataset d with probability weight_d, by an
-  RNG keyed on (seed, rank, g // 1024): the choice sequence does not depend on batch size or workers.
+* Epoch order (train). Per dataset, epoch e of the whole split is its shard segments permuted by
+  (seed, e), then samples permuted inside consecutive blocks of `shuffle_buffer` samples.
+  Validation keeps manifest order.
+* Packing. A dataset's epoch orders, concatenated, form one endless token stream; its window w is
+  tokens [w*(S+1), (w+1)*(S+1)), input = window[:-1], target = window[1:]. Windows cross document,
+  sample and epoch boundaries; every token is used exactly once per epoch.
+* Mixtures. Global window slot j comes from dataset d with probability weight_d, drawn by an RNG
+  keyed on (seed, j // 1024), and takes that dataset's next window: its window number is how many
+  slots before j chose d. Nothing about ranks or batches enters.
+* Ranks. Global batch b is slots [b*B, (b+1)*B) (B = micro_batch); DP rank r of n reads global
+  batches r, r+n, r+2n, ... . When the DP group has taken s micro-batches each, slots [0, s*n*B) are
+  consumed: for a fixed number of tokens per optimizer step (train.global_batch_tokens), the windows
+  of every step are the same whatever n and B are.
 
-DataLoader workers only parallelise reading: worker w builds batches k = w, w+W, w+2W, ... and
-torch's DataLoader returns them round-robin, i.e. in order. The loader state is therefore just
-"windows yielded" plus "windows consumed per dataset", and resuming with any worker count (or
-none) continues the identical batch sequence.
+The state is therefore global and identical on every rank: W, the slots consumed, and per dataset
+the windows those slots took. Any DP size n and micro-batch B with W % (n*B) == 0 continue it
+exactly (nothing lost or repeated); otherwise resuming is refused with a KilnError.
+
+Verification, when a loader is built (every rank reads every shard, so every rank must accept the
+same shards): each rank checks the size and tar structure of all shards of the split (cheap: one
+header read per sample). With on_bad_shard=fail the sha256 work is partitioned: shard k (counting
+through the datasets in config order) is hashed by DP rank k mod n, so the job fails if any shard
+is corrupt, at the cost of hashing the data once in total. With on_bad_shard=skip each rank hashes
+every shard, so all ranks skip the same ones (each reads the whole split once at start).
+
+DataLoader workers only parallelise reading: worker w builds batches k = w, w+W, w+2W, ... of the
+rank's sequence and torch's DataLoader returns them round-robin, i.e. in order, so resuming with
+any worker count (or none) continues the identical batch sequence.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -36,19 +49,19 @@ from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.data")
 CHOICE_CHUNK = 1024
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 @dataclass
 class _Source:
-    """One dataset's split as one rank sees it: the rank's samples in canonical order."""
+    """One dataset's split (all of it, minus skipped shards) in canonical order."""
 
     name: str
     dtype: np.dtype
     sample_tokens: int
     eos_id: int
     paths: list[str]
-    shard_of: np.ndarray  # shard index of each sample in the slice
+    shard_of: np.ndarray  # shard index of each sample
     offset_of: np.ndarray  # byte offset of each sample's tokens in its shard
     global_id: np.ndarray  # position in the split's full sample list (for boundary detection)
     salt: int
@@ -60,14 +73,14 @@ class _Source:
     def epoch_tokens(self) -> int:
         return len(self.shard_of) * self.sample_tokens
 
-    def order(self, epoch: int, shuffle: bool, seed: int, rank: int, buffer: int) -> np.ndarray:
+    def order(self, epoch: int, shuffle: bool, seed: int, buffer: int) -> np.ndarray:
         """Sample positions of one epoch: segments permuted, then samples permuted within buffer blocks."""
         if not shuffle:
             return np.arange(len(self.shard_of))
         if epoch not in self._orders:
             if len(self._orders) > 2:
                 self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([seed, self.salt, rank, epoch])
+            rng = np.random.default_rng([seed, self.salt, epoch])
             n = len(self.shard_of)
             starts = np.flatnonzero(np.r_[True, self.shard_of[1:] != self.shard_of[:-1]])
             ends = np.r_[starts[1:], n]
@@ -78,7 +91,6 @@ class _Source:
                 order = order[np.argsort(keys, kind="stable")]
             self._orders[epoch] = order
         return self._orders[epoch]
-
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # opened per process: never share descriptors across fork
             self._fds, self._pid = {}, os.getpid()
@@ -90,7 +102,7 @@ class _Source:
         return self._fds[shard]
 
     def read(self, start: int, end: int, order_fn) -> tuple[np.ndarray, np.ndarray]:
-        """Tokens [start, end) of the rank's endless stream, and a mask of positions where the text is
+        """Tokens [start, end) of the dataset's endless stream, and a mask of positions where the text is
         not the continuation of the previous token (a sample whose predecessor in the file differs)."""
         L, item = self.sample_tokens, self.dtype.itemsize
         E = self.epoch_tokens
@@ -135,107 +147,129 @@ def _dataset_entries(data_cfg) -> list[tuple[str, float]]:
     return [(str(data_cfg.path), 1.0)]
 
 
-def _rank_bounds(n: int, rank: int, size: int) -> tuple[int, int]:
-    return n * rank // size, n * (rank + 1) // size
-
-
-def _load_source(path: str, salt: int, split: str, vocab_size: int, dp_rank: int, dp_size: int,
-                 on_bad: str) -> tuple[_Source, dict, int]:
+def _load_source(path: str, salt: int, split: str, vocab_size: int, dp_rank: int, dp_size: int, on_bad: str,
+                 first_shard: int) -> tuple[_Source, dict]:
+    """Check a dataset's manifest and index its whole split. Shard i is hashed here when on_bad is
+    'skip' (every rank must reach the same verdict) or when (first_shard + i) % dp_size == dp_rank."""
     manifest = read_manifest(path)
     where = f"{path}/manifest.json"
     if manifest["vocab_size"] > vocab_size:
         raise KilnError(f"{where}: tokenizer {manifest['tokenizer']['name']} has vocab_size "
                         f"{manifest['vocab_size']} > model.vocab_size={vocab_size}")
     entries = manifest["splits"].get(split, {}).get("shards", [])
-    counts = np.array([e["samples"] for e in entries], dtype=np.int64)
-    total = int(counts.sum())
-    if total < dp_size:
-        raise KilnError(f"{where}: split {split!r} has {total} sample(s), fewer than dp_size={dp_size} ranks; "
-                        f"prepare more data or lower sample_tokens")
-    lo, hi = _rank_bounds(total, dp_rank, dp_size)
-    first = np.r_[0, np.cumsum(counts)]
-    touched = [i for i in range(len(entries)) if first[i] < hi and first[i + 1] > lo]
+    if not sum(e["samples"] for e in entries):
+        raise KilnError(f"{where}: split {split!r} has no samples")
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
-    sample_bytes = manifest["sample_tokens"] * dtype.itemsize
-    indexes = index_shards(path, [entries[i] for i in touched], sample_bytes, on_bad)
+    hashed = [on_bad == "skip" or (first_shard + i) % dp_size == dp_rank for i in range(len(entries))]
+    indexes = index_shards(path, entries, manifest["sample_tokens"] * dtype.itemsize, on_bad, hashed)
     shard_of, offset_of, global_id, paths = [], [], [], []
-    for i, index in zip(touched, indexes):
-        if index is None:
-            continue
-        a, b = max(lo, first[i]), min(hi, first[i + 1])
-        paths.append(index.path)
-        shard_of.append(np.full(b - a, len(paths) - 1, dtype=np.int32))
-        offset_of.append(index.offsets[a - first[i]:b - first[i]])
-        global_id.append(np.arange(a, b, dtype=np.int64))
+    first = 0
+    for entry, index in zip(entries, indexes):
+        if index is not None:
+            paths.append(index.path)
+            shard_of.append(np.full(entry["samples"], len(paths) - 1, dtype=np.int32))
+            offset_of.append(index.offsets)
+            global_id.append(np.arange(first, first + entry["samples"], dtype=np.int64))
+        first += entry["samples"]
     if not paths:
-        raise KilnError(f"{where}: no readable {split} shards for dp_rank {dp_rank}")
+        raise KilnError(f"{where}: no readable {split} shards (all {len(entries)} skipped)")
     src = _Source(path, dtype, manifest["sample_tokens"], manifest["tokenizer"]["eos_id"], paths,
                   np.concatenate(shard_of), np.concatenate(offset_of), np.concatenate(global_id), salt)
-    # Fewest tokens any rank holds (nominal, before skips): validation gives every rank equal batches.
-    min_tokens = min(_rank_bounds(total, r, dp_size)[1] - _rank_bounds(total, r, dp_size)[0]
-                     for r in range(dp_size)) * manifest["sample_tokens"]
-    return src, manifest, min(min_tokens, src.epoch_tokens)
+    return src, manifest
+
+
+class _Mixer:
+    """The dataset of each global window slot, a pure function of (seed, slot), and how many slots
+    of a range chose each dataset (so any rank can find a dataset's position at any slot)."""
+
+    def __init__(self, weights: list[float], seed: int):
+        self.p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.seed = seed
+        self._chunks: OrderedDict = OrderedDict()
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """Choices of slots [c*CHUNK, (c+1)*CHUNK) and their running counts per dataset."""
+        if c in self._chunks:
+            self._chunks.move_to_end(c)
+        else:
+            if len(self._chunks) >= 16:
+                self._chunks.popitem(last=False)
+            rng = np.random.default_rng([self.seed, 0x6D6978, c])
+            choice = rng.choice(len(self.p), size=CHOICE_CHUNK, p=self.p)
+            running = np.zeros((CHOICE_CHUNK + 1, len(self.p)), dtype=np.int64)
+            np.cumsum(np.eye(len(self.p), dtype=np.int64)[choice], axis=0, out=running[1:])
+            self._chunks[c] = (choice, running)
+        return self._chunks[c]
+
+    def _spans(self, a: int, b: int) -> Iterator[tuple[int, int, int]]:
+        for c in range(a // CHOICE_CHUNK, (b - 1) // CHOICE_CHUNK + 1 if b > a else a // CHOICE_CHUNK):
+            yield c, max(a - c * CHOICE_CHUNK, 0), min(b - c * CHOICE_CHUNK, CHOICE_CHUNK)
+
+    def choices(self, a: int, b: int) -> np.ndarray:
+        """Dataset index of slots [a, b)."""
+        if len(self.p) == 1:
+            return np.zeros(b - a, dtype=np.int64)
+        return np.concatenate([self._chunk(c)[0][lo:hi] for c, lo, hi in self._spans(a, b)])
+
+    def counts(self, a: int, b: int) -> np.ndarray:
+        """Slots in [a, b) that chose each dataset."""
+        if len(self.p) == 1:
+            return np.array([b - a], dtype=np.int64)
+        total = np.zeros(len(self.p), dtype=np.int64)
+        for c, lo, hi in self._spans(a, b):
+            running = self._chunk(c)[1]
+            total += running[hi] - running[lo]
+        return total
 
 
 class _Stream:
-    """Everything a worker needs to build batches; picklable, no open files until first read."""
+    """Everything a worker needs to build one rank's batches; picklable, no open files until first read."""
 
-    def __init__(self, sources, weights, split, seq_len, micro_batch, seed, shuffle_buffer, dp_rank,
+    def __init__(self, sources, weights, split, seq_len, micro_batch, seed, shuffle_buffer, dp_rank, dp_size,
                  document_mask, val_batches):
         self.sources, self.split = sources, split
-        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
+        self.mixer = _Mixer(weights, seed)
         self.seq_len, self.micro_batch, self.seed = seq_len, micro_batch, seed
-        self.shuffle_buffer, self.dp_rank, self.document_mask = shuffle_buffer, dp_rank, document_mask
-        self.val_batches = val_batches  # per source, validation only
-        self._chunk: tuple[int, Optional[np.ndarray]] = (-1, None)
-
-    def choices(self, g: int, n: int) -> np.ndarray:
-        """Dataset index of output windows g..g+n (train)."""
-        if len(self.sources) == 1:
-            return np.zeros(n, dtype=np.int64)
-        out = np.empty(n, dtype=np.int64)
-        for i in range(n):
-            c, j = divmod(g + i, CHOICE_CHUNK)
-            if self._chunk[0] != c:
-                rng = np.random.default_rng([self.seed, 0x6D6978, self.dp_rank, c])
-                self._chunk = (c, rng.choice(len(self.sources), size=CHOICE_CHUNK, p=self.weights))
-            out[i] = self._chunk[1][j]
-        return out
+        self.shuffle_buffer, self.document_mask = shuffle_buffer, document_mask
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.val_batches = val_batches  # per source: batches each rank gets (validation only)
 
     def plan(self, state: dict) -> Iterator[tuple[np.ndarray, list[int], dict]]:
-        """Endless (train) or finite (val) sequence of (choices, windows consumed before, next state)."""
-        B = self.micro_batch
+        """Endless (train) or finite (val) sequence of (dataset per row, the datasets' window numbers
+        where this batch starts, state after it)."""
+        B, n, r = self.micro_batch, self.dp_size, self.dp_rank
         if self.split == "train":
-            g, consumed = state["windows"], list(state["consumed"])
+            slots, consumed = state["windows"], np.asarray(state["consumed"], dtype=np.int64)
             while True:
-                ch = self.choices(g, B)
-                before = list(consumed)
-                for d in range(len(self.sources)):
-                    consumed[d] += int(np.count_nonzero(ch == d))
-                g += B
-                yield ch, before, {"windows": g, "consumed": list(consumed)}
+                first = slots + r * B
+                before = consumed + self.mixer.counts(slots, first)
+                choice = self.mixer.choices(first, first + B)
+                consumed = consumed + self.mixer.counts(slots, slots + n * B)
+                slots += n * B
+                yield choice, before.tolist(), {"windows": slots, "consumed": consumed.tolist()}
         else:
             k = 0
-            for d, n in enumerate(self.val_batches):
-                for j in range(n):
+            for d, count in enumerate(self.val_batches):
+                for j in range(count):
                     if k >= state["batches"]:
                         before = [0] * len(self.sources)
-                        before[d] = j * B
+                        before[d] = (j * n + r) * B
                         yield np.full(B, d, dtype=np.int64), before, {"batches": k + 1}
                     k += 1
 
-    def read_batch(self, ch: np.ndarray, before: list[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
+    def read_batch(self, choice: np.ndarray, before: list[int]) -> tuple[np.ndarray, Optional[np.ndarray]]:
         """The batch's windows in the storage dtype (compact: this is what crosses the process boundary),
-        and, with document_mask, where a new document starts."""
+        and, with document_mask, where a new document starts. A batch's rows from one dataset are
+        consecutive windows of its stream, so each dataset is one contiguous read."""
         S1 = self.seq_len + 1
-        rows = np.empty((len(ch), S1), dtype=self.sources[0].dtype)
-        starts = np.zeros((len(ch), S1), dtype=bool) if self.document_mask else None
+        rows = np.empty((len(choice), S1), dtype=self.sources[0].dtype)
+        starts = np.zeros((len(choice), S1), dtype=bool) if self.document_mask else None
         for d, src in enumerate(self.sources):
-            mask = ch == d
+            mask = choice == d
             n = int(np.count_nonzero(mask))
             if not n:
                 continue
-            order_fn = lambda e, s=src: s.order(e, self.split == "train", self.seed, self.dp_rank, self.shuffle_buffer)
+            order_fn = lambda e, s=src: s.order(e, self.split == "train", self.seed, self.shuffle_buffer)
             tokens, cut = src.read(before[d] * S1, (before[d] + n) * S1, order_fn)
             tokens = tokens.reshape(n, S1)
             rows[mask] = tokens
@@ -246,9 +280,9 @@ class _Stream:
         return rows, starts
 
     def batches(self, state: dict, worker: int, num_workers: int) -> Iterator[tuple]:
-        for k, (ch, before, _) in enumerate(self.plan(state)):
+        for k, (choice, before, _) in enumerate(self.plan(state)):
             if k % num_workers == worker:
-                yield self.read_batch(ch, before)
+                yield self.read_batch(choice, before)
 
 
 def _to_tensors(packed: tuple[np.ndarray, Optional[np.ndarray]]) -> dict:
@@ -285,10 +319,9 @@ class TokenLoader:
         self.stream, self.num_workers, self.meta = stream, num_workers, meta
         self._state = self._initial_state()
 
-    @staticmethod
-    def remap_state(states: dict, dp_rank: int, dp_size: int) -> dict:
-        """Saved states of every old DP rank -> this rank's state under a new DP size."""
-        return remap_data_state(states, dp_rank, dp_size)
+    def remap_state(self, states: dict, dp_rank: int, dp_size: int) -> dict:
+        """Saved states of the old DP ranks -> this rank's state (exact; see remap_data_state)."""
+        return remap_data_state(states, dp_rank, dp_size, micro_batch=self.meta["micro_batch"])
 
     def _initial_state(self) -> dict:
         if self.stream.split == "train":
@@ -324,8 +357,11 @@ class TokenLoader:
         return state
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a saved state. Saved under another DP size or micro_batch is fine as long as
+        the global position splits evenly over this layout's ranks (see remap_data_state)."""
         if state.get("version") != STATE_VERSION or state.get("split") != self.stream.split:
-            raise KilnError(f"data loader state: expected a v{STATE_VERSION} {self.stream.split} state")
+            raise KilnError(f"data loader state: expected a v{STATE_VERSION} {self.stream.split} state, got "
+                            f"v{state.get('version')} {state.get('split')} (saved by another kiln version?)")
         if len(state.get("datasets", [])) != len(self.meta["datasets"]):
             raise KilnError(f"data loader state: {len(state.get('datasets', []))} dataset(s) saved, "
                             f"{len(self.meta['datasets'])} configured; cannot resume the same data order")
@@ -333,61 +369,77 @@ class TokenLoader:
             if state.get(key) != self.meta[key]:
                 raise KilnError(f"data loader state: {key} was {state.get(key)!r}, now {self.meta[key]!r}; "
                                 f"cannot resume the same data order")
-        for key in ("dp_size", "micro_batch", "seed", "datasets"):
+        for key in ("seed", "datasets"):
             if state.get(key) != self.meta[key]:
                 log.warning("data loader state: %s changed %s -> %s; the data order after resume differs "
                             "from an uninterrupted run", key, state.get(key), self.meta[key])
         if self.stream.split == "train":
-            self._state = {"windows": int(state["windows"]), "consumed": [int(c) for c in state["consumed"]]}
+            windows = int(state["windows"])
+            _check_split(windows, state.get("micro_batch"), self.meta["dp_size"], self.meta["micro_batch"])
+            self._state = {"windows": windows, "consumed": [int(c) for c in state["consumed"]]}
         else:
             self._state = {"batches": int(state["batches"])}
 
 
-def remap_data_state(states: dict, dp_rank: int, dp_size: int) -> dict:
-    """Map train states saved under another DP size onto `dp_rank` of `dp_size`.
+def _check_split(windows: int, old_micro_batch, dp_size: int, micro_batch: int) -> None:
+    if windows % (dp_size * micro_batch):
+        raise KilnError(
+            f"data loader state: {windows} windows consumed ({windows / (old_micro_batch or 1):g} global batches of "
+            f"micro_batch {old_micro_batch}) cannot be split over dp_size={dp_size} x micro_batch={micro_batch} "
+            f"without repeating or skipping a window; keep train.global_batch_tokens unchanged, or resume "
+            f"with a DP size and micro_batch whose product divides {windows}")
 
-    Rank slices change with the DP size, so no exact continuation exists; this keeps each dataset's
-    epoch progress: the windows all old ranks consumed are split evenly over the new ranks.
+
+def remap_data_state(states: dict, dp_rank: int, dp_size: int, micro_batch: Optional[int] = None) -> dict:
+    """Map the train states saved by every old DP rank onto `dp_rank` of `dp_size`: exact.
+
+    The position is global (slots consumed by the whole DP group, per-dataset windows), identical on
+    every old rank; the new ranks continue from it with nothing lost or repeated. It must split into
+    whole micro-batches per new rank (micro_batch defaults to the saved one), else a KilnError.
     """
     old = [states[k] for k in sorted(states, key=int)]
-    if not old or any(s.get("split") != "train" for s in old):
-        raise KilnError("data loader state: expected the saved train states of every old rank")
+    if not old or any(s.get("split") != "train" or s.get("version") != STATE_VERSION for s in old):
+        raise KilnError(f"data loader state: expected the saved v{STATE_VERSION} train states of the old ranks")
+    positions = {(int(s["windows"]), tuple(s["consumed"])) for s in old}
+    if len(positions) != 1:
+        raise KilnError(f"data loader state: the saved ranks disagree on the data position {sorted(positions)}")
     new = dict(old[0])
-    new["consumed"] = [sum(s["consumed"][d] for s in old) // dp_size for d in range(len(old[0]["consumed"]))]
-    new["windows"] = sum(s["windows"] for s in old) // dp_size
+    _check_split(int(new["windows"]), new.get("micro_batch"), dp_size, micro_batch or new["micro_batch"])
     new.update(dp_rank=dp_rank, dp_size=dp_size)
-    log.warning("data: resuming %d-rank loader state on %d ranks: epoch progress kept, sample order differs "
-                "from an uninterrupted run", len(old), dp_size)
     return new
 
 
 def build_loader(data_cfg, *, split: str, micro_batch: int, dp_rank: int, dp_size: int,
                  vocab_size: int) -> TokenLoader:
-    """A loader for one DP rank. Checks manifests (vocab, tokenizer) and this rank's shards first."""
+    """A loader for one DP rank. Checks manifests (vocab, tokenizer) and the shards first (see the module doc)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not 0 <= dp_rank < dp_size:
         raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
     entries = _dataset_entries(data_cfg)
-    sources, manifests, min_tokens = [], [], []
+    sources, manifests, first_shard = [], [], 0
     for salt, (path, _) in enumerate(entries):
-        src, manifest, tokens = _load_source(path, salt, split, vocab_size, dp_rank, dp_size, data_cfg.on_bad_shard)
+        src, manifest = _load_source(path, salt, split, vocab_size, dp_rank, dp_size, data_cfg.on_bad_shard,
+                                     first_shard)
+        first_shard += len(manifest["splits"][split]["shards"])
         sources.append(src)
         manifests.append(manifest)
-        min_tokens.append(tokens)
     first = manifests[0]["tokenizer"]
     for (path, _), m in zip(entries[1:], manifests[1:]):
         if m["tokenizer"]["sha256"] != first["sha256"]:
             raise KilnError(f"{path}/manifest.json: tokenizer {m['tokenizer']['name']} differs from "
                             f"{entries[0][0]}'s {first['name']}; a mixture needs one tokenizer")
     S1 = data_cfg.seq_len + 1
-    val_batches = [t // S1 // micro_batch for t in min_tokens] if split == "val" else None
-    if split == "val" and not sum(val_batches):
-        raise KilnError(f"{entries[0][0]}: validation split too small for one batch per rank "
-                        f"({min(min_tokens)} tokens < micro_batch*(seq_len+1)={micro_batch * S1}); "
-                        f"raise val_fraction or lower micro_batch/seq_len")
+    val_batches = None
+    if split == "val":  # whole global batches, dealt round-robin; the remainder (< dp_size batches) is unused
+        val_batches = [s.epoch_tokens // S1 // micro_batch // dp_size for s in sources]
+        if not sum(val_batches):
+            need = dp_size * micro_batch * S1
+            raise KilnError(f"{entries[0][0]}: validation split too small for one batch per rank "
+                            f"({max(s.epoch_tokens for s in sources)} tokens < dp_size*micro_batch*(seq_len+1)="
+                            f"{need}); raise val_fraction or lower micro_batch/seq_len")
     stream = _Stream(sources, [w for _, w in entries], split, data_cfg.seq_len, micro_batch, data_cfg.seed,
-                     data_cfg.shuffle_buffer, dp_rank, data_cfg.document_mask, val_batches)
+                     data_cfg.shuffle_buffer, dp_rank, dp_size, data_cfg.document_mask, val_batches)
     meta = {"seq_len": data_cfg.seq_len, "micro_batch": micro_batch, "dp_rank": dp_rank, "dp_size": dp_size,
             "seed": data_cfg.seed, "datasets": [p for p, _ in entries]}
     return TokenLoader(stream, data_cfg.num_workers, meta)
