@@ -24,9 +24,9 @@ LAYOUTS = {
 }
 
 
-def _train(layout: str, run_root: Path) -> dict:
+def _train(layout: str, run_root: Path, data: tuple = ()) -> dict:
     nproc, extra = LAYOUTS[layout]
-    overrides = [*COMMON, *extra, f"train.run_dir={run_root}"]
+    overrides = [*COMMON, *data, *extra, f"train.run_dir={run_root}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     verb = ["train"] if nproc == 1 else ["launch", "--nproc", str(nproc)]
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", *verb, *overrides], capture_output=True, text=True,
@@ -78,3 +78,30 @@ def test_deepspeed_checkpoint_resumes_exactly_and_converts(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kiln.cli", "convert", str(tmp_path / "full" / "default"),
                            "--to", "kiln", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_dp2_to_dp4_on_prepared_shards_continues_the_global_batch_stream(tmp_path):
+    """The shard loader's global stream: DP=2 (2 micro-batches per step) -> DP=4 (1 per step) gives the
+    uninterrupted run's next-step losses, so every step sees the same windows."""
+    import random
+
+    from kiln.data.prepare import prepare
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "".join(rng.choice("abcdefgh \n") for _ in range(rng.randint(20, 300)))})
+                              + "\n" for _ in range(40)))
+    prepare([str(corpus)], str(tmp_path / "data"), "byte", samples_per_shard=6, val_fraction=0, sample_tokens=64,
+            num_proc=1)
+    data = ["model.vocab_size=257", "data.synthetic=null", f"data.path={tmp_path / 'data'}", "data.num_workers=1", "data.shuffle_buffer=4",
+            "data.document_mask=true"]
+    full = _train("fsdp2", tmp_path / "full", data)
+    _interrupt_after(tmp_path / "full", tmp_path / "resumed", 2)
+    cont = _train("dp4", tmp_path / "resumed", data)
+    assert sorted(cont) == [3, 4]
+    for step in (3, 4):
+        assert cont[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5), (step, cont[step], full[step])
+    meta = json.loads((tmp_path / "resumed" / "default" / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    states = meta["data_state"].values()
+    assert sorted(meta["data_state"]) == ["0", "1", "2", "3"]
+    assert {(s["windows"], s["dp_size"]) for s in states} == {(4 * 8, 4)}  # 4 steps x 128 tokens / 16 per window
