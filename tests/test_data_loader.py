@@ -89,6 +89,24 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
     assert list(epochs[0]) != oracle, "train order should be shuffled"
 
 
+@pytest.mark.parametrize("buf", [1, 3])
+def test_shuffle_permutes_shards_then_samples_within_blocks(tmp_path, buf):
+    path = _make(tmp_path, "ds")
+    oracle = _oracle_samples(path)
+    n, per_shard = len(oracle), 5
+    loader = build_loader(_cfg(path, num_workers=0, buf=buf), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+                          vocab_size=257)
+    index = {x: i for i, x in enumerate(oracle)}
+    epoch = [index[tuple(_windows(b).reshape(-1).tolist())] for b in _take(loader, n)]
+    assert sorted(epoch) == list(range(n))
+    shards = sorted(range(0, n, per_shard), key=lambda s: min(epoch.index(i) for i in range(s, min(s + per_shard, n))))
+    assert shards != sorted(shards), "shard order should be permuted"
+    unshuffled = [i for s in shards for i in range(s, min(s + per_shard, n))]  # segments in the epoch's order
+    for b in range(0, n, buf):  # each block holds exactly its positions of the segment order
+        assert sorted(epoch[b:b + buf]) == sorted(unshuffled[b:b + buf])
+    assert (epoch == unshuffled) == (buf == 1)
+
+
 def test_global_stream_is_the_same_for_any_dp_size_and_micro_batch(tmp_path):
     a = _make(tmp_path, "a")
     cfg = _cfg(None, num_workers=0, document_mask=True,

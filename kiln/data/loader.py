@@ -54,43 +54,72 @@ STATE_VERSION = 2
 
 @dataclass
 class _Source:
-    """One dataset's split (all of it, minus skipped shards) in canonical order."""
+    """One dataset's split (all of it, minus skipped shards). Everything here is O(shards), not
+    O(samples): every rank and every worker holds it, for the whole split."""
 
     name: str
     dtype: np.dtype
     sample_tokens: int
     eos_id: int
-    paths: list[str]
-    shard_of: np.ndarray  # shard index of each sample
-    offset_of: np.ndarray  # byte offset of each sample's tokens in its shard
-    global_id: np.ndarray  # position in the split's full sample list (for boundary detection)
+    paths: list[str]  # kept shards, manifest order
+    counts: np.ndarray  # samples in each kept shard
+    first_id: np.ndarray  # each kept shard's first sample's position in the split (for boundary detection)
+    offsets: list  # per kept shard: (first, stride) when its samples are evenly spaced, else an offsets array
     salt: int
-    _orders: dict = field(default_factory=dict, repr=False)
+    _segments: dict = field(default_factory=dict, repr=False)
+    _blocks: OrderedDict = field(default_factory=OrderedDict, repr=False)
     _fds: dict = field(default_factory=dict, repr=False)
     _pid: int = 0
 
     @property
-    def epoch_tokens(self) -> int:
-        return len(self.shard_of) * self.sample_tokens
+    def samples(self) -> int:
+        return int(self.counts.sum())
 
-    def order(self, epoch: int, shuffle: bool, seed: int, buffer: int) -> np.ndarray:
-        """Sample positions of one epoch: segments permuted, then samples permuted within buffer blocks."""
-        if not shuffle:
-            return np.arange(len(self.shard_of))
-        if epoch not in self._orders:
-            if len(self._orders) > 2:
-                self._orders.pop(min(self._orders))
-            rng = np.random.default_rng([seed, self.salt, epoch])
-            n = len(self.shard_of)
-            starts = np.flatnonzero(np.r_[True, self.shard_of[1:] != self.shard_of[:-1]])
-            ends = np.r_[starts[1:], n]
-            perm = rng.permutation(len(starts))
-            order = np.concatenate([np.arange(starts[i], ends[i]) for i in perm])
-            if buffer > 1:
-                keys = np.arange(n) // buffer + rng.random(n)
-                order = order[np.argsort(keys, kind="stable")]
-            self._orders[epoch] = order
-        return self._orders[epoch]
+    @property
+    def epoch_tokens(self) -> int:
+        return self.samples * self.sample_tokens
+
+    def _segment_order(self, epoch: int, shuffle: bool, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kept shards in the epoch's order, and where each starts in the epoch's sample sequence."""
+        key = epoch if shuffle else -1
+        if key not in self._segments:
+            if len(self._segments) > 3:
+                self._segments.pop(min(self._segments))
+            perm = (np.random.default_rng([seed, self.salt, epoch]).permutation(len(self.paths)) if shuffle
+                    else np.arange(len(self.paths)))
+            self._segments[key] = perm, np.r_[0, np.cumsum(self.counts[perm])]
+        return self._segments[key]
+
+    def _block(self, epoch: int, block: int, seed: int, buffer: int) -> np.ndarray:
+        """The permutation of one shuffle block (built on demand: no whole-epoch order in memory)."""
+        key = (epoch, block)
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+        else:
+            if len(self._blocks) >= 64:
+                self._blocks.popitem(last=False)
+            size = min(buffer, self.samples - block * buffer)
+            self._blocks[key] = np.random.default_rng([seed, self.salt, epoch, 0x626C6B, block]).permutation(size)
+        return self._blocks[key]
+
+    def locate(self, epoch: int, positions: np.ndarray, shuffle: bool, seed: int,
+               buffer: int) -> tuple[np.ndarray, np.ndarray]:
+        """(kept shard, sample within it) at these positions of an epoch: shards permuted by
+        (seed, epoch), then samples permuted within consecutive blocks of `buffer` positions."""
+        q = positions
+        if shuffle and buffer > 1:
+            q = positions.copy()
+            for b in np.unique(positions // buffer):
+                m = positions // buffer == b
+                q[m] = b * buffer + self._block(epoch, int(b), seed, buffer)[positions[m] - b * buffer]
+        perm, starts = self._segment_order(epoch, shuffle, seed)
+        seg = np.searchsorted(starts, q, side="right") - 1
+        return perm[seg], q - starts[seg]
+
+    def _offset(self, shard: int, local: int) -> int:
+        where = self.offsets[shard]
+        return where[0] + local * where[1] if isinstance(where, tuple) else int(where[local])
+
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # opened per process: never share descriptors across fork
             self._fds, self._pid = {}, os.getpid()
@@ -101,7 +130,7 @@ class _Source:
                 raise KilnError(f"shard {self.paths[shard]}: cannot open ({exc.strerror})") from None
         return self._fds[shard]
 
-    def read(self, start: int, end: int, order_fn) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, start: int, end: int, shuffle: bool, seed: int, buffer: int) -> tuple[np.ndarray, np.ndarray]:
         """Tokens [start, end) of the dataset's endless stream, and a mask of positions where the text is
         not the continuation of the previous token (a sample whose predecessor in the file differs)."""
         L, item = self.sample_tokens, self.dtype.itemsize
@@ -111,23 +140,30 @@ class _Source:
         pos, prev = start, None
         while pos < end:
             epoch, o = divmod(pos, E)
-            order = order_fn(epoch)
             o_end = min(E, o + end - pos)
-            for p in range(o // L, (o_end - 1) // L + 1):
-                idx = order[p]
+            first = o // L
+            shards, locals_ = self.locate(epoch, np.arange(first, (o_end - 1) // L + 1), shuffle, seed, buffer)
+            for p, shard, local in zip(range(first, first + len(shards)), shards.tolist(), locals_.tolist()):
                 lo, hi = max(o, p * L), min(o_end, (p + 1) * L)
                 dst = pos - start + lo - o
-                gid = self.global_id[idx]
+                gid = int(self.first_id[shard]) + local
                 if lo == p * L and prev is not None and gid != prev + 1:
                     cut[dst] = True
                 prev = gid
                 nbytes = (hi - lo) * item
-                raw = os.pread(self._fd(self.shard_of[idx]), nbytes, int(self.offset_of[idx]) + (lo - p * L) * item)
+                raw = os.pread(self._fd(shard), nbytes, self._offset(shard, local) + (lo - p * L) * item)
                 if len(raw) != nbytes:
-                    raise KilnError(f"shard {self.paths[self.shard_of[idx]]}: short read (truncated since it was verified)")
+                    raise KilnError(f"shard {self.paths[shard]}: short read (truncated since it was verified)")
                 out[dst:dst + hi - lo] = np.frombuffer(raw, dtype=self.dtype)
             pos += o_end - o
         return out, cut
+
+
+def _compact(offsets: np.ndarray):
+    """(first, stride) for evenly spaced offsets (kiln's shards always are), else the array itself."""
+    if len(offsets) > 1 and np.all(np.diff(offsets) == offsets[1] - offsets[0]):
+        return int(offsets[0]), int(offsets[1] - offsets[0])
+    return (int(offsets[0]), 0) if len(offsets) == 1 else offsets
 
 
 def _dataset_entries(data_cfg) -> list[tuple[str, float]]:
@@ -162,19 +198,19 @@ def _load_source(path: str, salt: int, split: str, vocab_size: int, dp_rank: int
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     hashed = [on_bad == "skip" or (first_shard + i) % dp_size == dp_rank for i in range(len(entries))]
     indexes = index_shards(path, entries, manifest["sample_tokens"] * dtype.itemsize, on_bad, hashed)
-    shard_of, offset_of, global_id, paths = [], [], [], []
+    paths, counts, first_id, offsets = [], [], [], []
     first = 0
     for entry, index in zip(entries, indexes):
-        if index is not None:
+        if index is not None and entry["samples"]:
             paths.append(index.path)
-            shard_of.append(np.full(entry["samples"], len(paths) - 1, dtype=np.int32))
-            offset_of.append(index.offsets)
-            global_id.append(np.arange(first, first + entry["samples"], dtype=np.int64))
+            counts.append(entry["samples"])
+            first_id.append(first)
+            offsets.append(_compact(index.offsets))
         first += entry["samples"]
     if not paths:
         raise KilnError(f"{where}: no readable {split} shards (all {len(entries)} skipped)")
     src = _Source(path, dtype, manifest["sample_tokens"], manifest["tokenizer"]["eos_id"], paths,
-                  np.concatenate(shard_of), np.concatenate(offset_of), np.concatenate(global_id), salt)
+                  np.asarray(counts, dtype=np.int64), np.asarray(first_id, dtype=np.int64), offsets, salt)
     return src, manifest
 
 
@@ -269,8 +305,8 @@ class _Stream:
             n = int(np.count_nonzero(mask))
             if not n:
                 continue
-            order_fn = lambda e, s=src: s.order(e, self.split == "train", self.seed, self.shuffle_buffer)
-            tokens, cut = src.read(before[d] * S1, (before[d] + n) * S1, order_fn)
+            tokens, cut = src.read(before[d] * S1, (before[d] + n) * S1, self.split == "train", self.seed,
+                                   self.shuffle_buffer)
             tokens = tokens.reshape(n, S1)
             rows[mask] = tokens
             if starts is not None:
