@@ -59,6 +59,14 @@ def test_srun_with_pmi_uses_slurm_variables():
     assert detect_rank(env).source == "slurm"
 
 
+def test_srun_with_pmix_uses_slurm_variables():
+    # `srun --mpi=pmix` sets PMIX_RANK but no size variable: still one job of SLURM_STEP_NUM_TASKS ranks.
+    env = {"SLURM_PROCID": "1", "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1",
+           "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "vm", "PMIX_RANK": "1"}
+    info = detect_rank(env)
+    assert (info.rank, info.world_size, info.source) == (1, 2, "slurm")
+
+
 @pytest.mark.parametrize("env, culprit", [
     ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "RANK"),
     ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"}, "outside world size"),

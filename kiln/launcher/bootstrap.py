@@ -53,18 +53,23 @@ def current() -> Optional[RankInfo]:
 def detect_rank(environ: Optional[Mapping[str, str]] = None, export: bool = True) -> RankInfo:
     """Find this worker's rank; order: torchrun env, MPI, Slurm step, single process.
 
-    MPI comes before Slurm because `mpiexec` inside an allocation starts its proxies with srun
-    (SLURM_PROCID then numbers nodes, not ranks); when srun itself started every rank (the MPI size
-    equals the step's task count) the Slurm variables are authoritative and no MPI is needed.
+    `mpiexec` inside an allocation starts its proxies with srun (SLURM_PROCID then numbers nodes,
+    not ranks), so MPI wins when its size differs from the step's task count; when srun itself
+    started every rank (same size, or PMIx with no size variable) the Slurm variables are
+    authoritative and no MPI is needed.
     """
     global _current
     env = os.environ if environ is None else environ
+    mpi_size = _mpi_size(env)
+    # Inside an srun step, MPI variables with the step's size, or PMIx ones with no size at all
+    # (srun --mpi=pmix started every task itself), describe the same tasks as Slurm does.
+    slurm_owns = _in_slurm_step(env) and mpi_size in (None, -1, _slurm_world(env))
     if "RANK" in env and "WORLD_SIZE" in env:
         info = _from_torchrun(env)
-    elif _mpi_size(env) is not None and not (_in_slurm_step(env) and _mpi_size(env) == _slurm_world(env)):
-        info = _from_mpi(env)
-    elif _in_slurm_step(env):
+    elif slurm_owns:
         info = _from_slurm(env)
+    elif mpi_size is not None:
+        info = _from_mpi(env)
     else:
         info = RankInfo(0, 1, 0, 1, env.get("MASTER_ADDR", "127.0.0.1"),
                         _int(env, "MASTER_PORT") if "MASTER_PORT" in env else free_port(), "single")
