@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -56,6 +57,7 @@ class ParallelConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
     zero_stage: int = 1  # deepspeed engine only
     offload_optimizer: bool = False  # deepspeed engine only
+    init: str = "auto"  # auto (full below 2 GiB of fp32 weights) | full | sharded; see docs/parallelism.md
 
 
 @dataclass
@@ -80,7 +82,7 @@ class PrepareConfig:
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # a `kiln data prepare` output directory
-    mixture: list = field(default_factory=list)  # [{path, weight}] instead of path
+    mixture: List[DatasetSource] = field(default_factory=list)  # [{path, weight}] instead of path
     synthetic: Optional[str] = None  # "markov": a random order-1 Markov chain (tests)
     synthetic_vocab: int = 64  # tokens the Markov chain uses (<= model.vocab_size)
     seq_len: int = 128
@@ -178,6 +180,7 @@ CHOICES = {
     "parallel.pp_schedule": ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble"),
     "parallel.activation_checkpoint": ("none", "selective", "full"),
     "parallel.mixed_precision": ("auto", "bf16", "fp32"),
+    "parallel.init": ("auto", "full", "sharded"),
     "data.on_bad_shard": ("fail", "skip"),
     "optim.decay": ("cosine", "linear", "wsd", "constant"),
     "optim.fused": ("auto", "on", "off"),
@@ -227,8 +230,14 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, "override must look like key=value")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            try:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            except OmegaConfBaseException as exc:  # name the override, not just the innermost field
+                key = item.split("=", 1)[0]
+                inner = _key_of(exc)
+                raise ConfigError(key if inner in key else f"{key}.{inner}", str(exc).splitlines()[0]) from None
         cfg = OmegaConf.to_object(merged)
+        _absolute_paths(cfg)
     except ConfigError:
         raise
     except OmegaConfBaseException as exc:
@@ -236,6 +245,34 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
         raise ConfigError(_key_of(exc), msg) from None
     validate(cfg)
     return cfg
+
+
+def _absolute_paths(cfg: Config) -> None:
+    """Data and checkpoint paths are relative to where the command runs; the saved config holds
+    them absolute so that workers, `kiln generate` and `kiln convert` work from any directory."""
+    d = cfg.data
+    if d.path:
+        d.path = str(Path(d.path).expanduser().resolve())
+    for item in d.mixture:
+        item.path = str(Path(item.path).expanduser().resolve())
+    if cfg.checkpoint.init_from:
+        cfg.checkpoint.init_from = str(Path(cfg.checkpoint.init_from).expanduser().resolve())
+
+
+def run_dir_of(cfg: Config) -> Path:
+    return (Path(cfg.train.run_dir) / cfg.train.name).resolve()
+
+
+def save_run_config(cfg: Config) -> Path:
+    """Write <run_dir>/config.yaml atomically (other workers may be reading it), only if it changed."""
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path, text = run_dir / "config.yaml", to_yaml(cfg)
+    if not (path.is_file() and path.read_text() == text):
+        tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
 
 
 def to_yaml(cfg: Config) -> str:
@@ -292,7 +329,7 @@ def validate(cfg: Config) -> None:
     _check(m.n_layers >= stages, "parallel.pp", f"model.n_layers={m.n_layers} < pipeline stages pp*pp_virtual_stages={stages}")
     if p.pp_schedule == "interleaved_1f1b" and p.pp > 1:
         _check(p.pp_virtual_stages > 1, "parallel.pp_virtual_stages", "interleaved_1f1b needs pp_virtual_stages > 1")
-    if p.pp_microbatches is not None:
+    if p.pp_microbatches is not None and p.pp > 1:
         _check(p.pp_microbatches >= p.pp, "parallel.pp_microbatches", f"must be >= pp={p.pp}")
         _check(cfg.train.micro_batch % p.pp_microbatches == 0, "parallel.pp_microbatches",
                f"train.micro_batch={cfg.train.micro_batch} is not divisible by {p.pp_microbatches}")
@@ -312,10 +349,16 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _check(t.steps >= 0, "train.steps", "must be >= 0")
     _check(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+    _check(t.eval_every >= 0, "train.eval_every", "must be >= 0 (0: no evaluation)")
+    _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
+    _check(t.global_batch_tokens is None or t.global_batch_tokens > 0, "train.global_batch_tokens", "must be positive")
+    _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", "must be positive")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+    _check(0 < o.wsd_decay_fraction <= 1, "optim.wsd_decay_fraction", "must be in (0, 1]")
+    _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.checkpoint.manager import CheckpointManager
-from kiln.config import Config, config_hash, grad_accum_steps, to_yaml
+from kiln.config import Config, config_hash, grad_accum_steps, run_dir_of, save_run_config, to_yaml
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu
 from kiln.model import Transformer, flops_per_token
@@ -28,10 +28,6 @@ log = logging.getLogger("kiln.train")
 
 class NonFiniteLoss(KilnError):
     pass
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return Path(cfg.train.run_dir) / cfg.train.name
 
 
 def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
@@ -51,8 +47,27 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
 
 
 def _init_distributed(world_size: int, device_type: str) -> None:
+    """gloo on CPU; on GPU NCCL for CUDA tensors plus gloo for the CPU-side collectives
+    (stop flags, object gathers, DCP's async-save coordination)."""
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
+
+
+def _prepare_data(cfg: Config, rank: int) -> None:
+    """Rank 0 tokenizes a missing corpus before any process group exists, so a long preparation
+    cannot hit a collective timeout; the other ranks wait for its manifest (written last)."""
+    if cfg.data.synthetic or cfg.data.prepare is None or not cfg.data.path:
+        return
+    if rank == 0:
+        from kiln.data.prepare import ensure_prepared
+
+        ensure_prepared(cfg.data)
+        return
+    manifest, start = Path(cfg.data.path) / "manifest.json", time.time()
+    while not manifest.is_file():
+        time.sleep(1.0)
+        if int(time.time() - start) % 60 == 0:
+            log.info("waiting for rank 0 to prepare %s (%.0fs)", cfg.data.path, time.time() - start)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -72,19 +87,13 @@ def train(cfg: Config) -> dict:
     from kiln.parallel.runtime import pick_device
 
     info = detect_rank()
-    check_layout(cfg, info.world_size)  # config errors before any process group exists
-    _init_distributed(info.world_size, pick_device(cfg.train.device).type)
     rank = info.rank
+    check_layout(cfg, info.world_size)  # config errors before any process group exists
     run_dir = run_dir_of(cfg)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        if cfg.data.synthetic is None:
-            from kiln.data.prepare import ensure_prepared
-
-            ensure_prepared(cfg.data)
-    if dist.is_initialized():
-        dist.barrier()
+        save_run_config(cfg)
+    _prepare_data(cfg, rank)
+    _init_distributed(info.world_size, pick_device(cfg.train.device).type)
 
     torch.manual_seed(cfg.train.seed)
     if info.world_size > 1:
@@ -101,11 +110,12 @@ def train(cfg: Config) -> dict:
 
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
-    step, tokens = 0, 0
+    step, tokens, last_saved = 0, 0, None
     resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
     if resume_from is not None:
         meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg), engine=engine)
         step, tokens = meta["step"], meta["tokens"]
+        last_saved = step  # already on disk: finishing a finished run must not rewrite it
         states = meta.get("data_state") or {}
         if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
             train_loader.load_state_dict(states[str(rt.dp_rank)])
@@ -124,7 +134,7 @@ def train(cfg: Config) -> dict:
                            cfg.logging.progress) if rank == 0 else None
     stop = install_requeue_handler()
     start_time = last_log_time = time.time()
-    last_log_step, last_saved, stopped_early = step, None, False
+    last_log_step, stopped_early = step, False
     batches = iter(train_loader)
     if rank == 0:
         print(f"run directory: {run_dir.resolve()}", flush=True)

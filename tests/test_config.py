@@ -28,6 +28,10 @@ def test_overrides_and_includes(tmp_path):
     (["model.attention=fast"], "model.attention"),
     (["parallel.engine=deepspeed", "parallel.tp=2"], "parallel.engine"),
     (["data.seq_len=4096"], "data.seq_len"),
+    (["logging.log_every=0"], "logging.log_every"),
+    (["train.eval_steps=0"], "train.eval_steps"),
+    (["train.global_batch_tokens=0"], "train.global_batch_tokens"),
+    (["optim.wsd_decay_fraction=0"], "optim.wsd_decay_fraction"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -50,3 +54,16 @@ def test_cli_config_error_is_one_line_and_exit_2(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "parallel.tp" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_data_paths_are_saved_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config([], ["data.path=corpus", "data.mixture=[{path: a, weight: 2.0}]", "checkpoint.init_from=ck"])
+    assert cfg.data.path == str(tmp_path / "corpus")
+    assert (cfg.data.mixture[0].path, cfg.data.mixture[0].weight) == (str(tmp_path / "a"), 2.0)
+    assert cfg.checkpoint.init_from == str(tmp_path / "ck")
+
+
+def test_mixture_entries_are_typed():
+    with pytest.raises(ConfigError, match="data.mixture"):
+        load_config([], ["data.mixture=[{path: a, weight: heavy}]"])

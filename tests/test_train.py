@@ -87,3 +87,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypa
     summary = train(_cfg(tmp_path, "train.steps=8", "checkpoint.every=2", "train.eval_every=0", "data.seq_len=16"))
     assert summary["step"] == 8
     assert all(r["loss"] == r["loss"] for r in _metrics(tmp_path / "default"))
+
+
+def test_rerunning_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "train.eval_every=0", "data.seq_len=16")
+    train(cfg)
+    meta = tmp_path / "default" / "checkpoints" / "step_00000004" / "meta.json"
+    before = meta.read_text()
+    assert train(cfg)["step"] == 4
+    assert meta.read_text() == before
+
+
+def test_resuming_onto_another_data_source_is_a_clear_error(tmp_path):
+    from kiln.data.synthetic import MarkovLoader, MarkovSource
+    from kiln.errors import KilnError
+
+    loader = MarkovLoader(MarkovSource(8, 0), seq_len=4, micro_batch=1, seed=0, dp_rank=0, dp_size=1, split="train")
+    with pytest.raises(KilnError, match="data.synthetic=markov"):
+        loader.load_state_dict({"windows": 3, "consumed": [3]})

@@ -94,9 +94,7 @@ class CheckpointManager:
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.async_save = async_save
-        self._pending: tuple | None = None  # (future, tmp_dir, final_dir, meta)
-        if _rank() == 0:
-            self.dir.mkdir(parents=True, exist_ok=True)
+        self._pending: tuple | None = None  # (future, tmp_dir, final_dir, meta, config_yaml)
 
     # ---------- saving ----------
     def save(self, step: int, model_parts: list, optimizers: list, meta: dict, data_state: dict | None,
@@ -108,7 +106,7 @@ class CheckpointManager:
         tmp = self.dir / (step_dir_name(step) + ".tmp")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            tmp.mkdir(parents=True)  # creates checkpoints/ on the first save
         _barrier()
         per_rank = _all_gather({"dp_rank": dp_rank, "data": data_state, "rng": _rng_state()})
         meta = dict(meta, step=step, saved_at=time.time(),
@@ -150,15 +148,18 @@ class CheckpointManager:
         (tmp / "config.yaml").write_text(config_yaml)
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # re-saving a step: keep the complete copy until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
         os.replace(tmp, final)
         _write_atomic(self.dir / "latest", final.name + "\n")
+        shutil.rmtree(old, ignore_errors=True)
         self._prune(keep=final.name)
         log.info("checkpoint saved: %s", final)
 
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+        done = sorted(p for p in self.dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
         for old in done[:-self.keep_last]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
@@ -243,7 +244,7 @@ def find_resumable(ckpt_dir: Path) -> Path | None:
     ckpt_dir = Path(ckpt_dir)
     latest = ckpt_dir / "latest"
     candidates = sorted((p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
-                         if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+                         if p.is_dir() and p.suffix not in (".tmp", ".old")), reverse=True)
     if latest.is_file():
         named = ckpt_dir / latest.read_text().strip()
         candidates = [named] + [c for c in candidates if c.name < named.name]

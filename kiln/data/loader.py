@@ -395,6 +395,9 @@ class TokenLoader:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a saved state. Saved under another DP size or micro_batch is fine as long as
         the global position splits evenly over this layout's ranks (see remap_data_state)."""
+        if state.get("kind") == "markov":
+            raise KilnError("the checkpoint's data-loader state comes from data.synthetic=markov, but this run "
+                            "reads prepared shards: resume with the same data, or start a new train.name")
         if state.get("version") != STATE_VERSION or state.get("split") != self.stream.split:
             raise KilnError(f"data loader state: expected a v{STATE_VERSION} {self.stream.split} state, got "
                             f"v{state.get('version')} {state.get('split')} (saved by another kiln version?)")

@@ -66,6 +66,9 @@ class MarkovLoader:
         return {"kind": "markov", "batches_yielded": self.batches_yielded, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "markov":
+            raise KilnError("the checkpoint's data-loader state comes from prepared shards, but this run uses "
+                            "data.synthetic=markov: resume with the same data, or start a new train.name")
         self.batches_yielded = int(state["batches_yielded"])
 
     @staticmethod

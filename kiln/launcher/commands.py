@@ -18,12 +18,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Start N workers of `kiln train` on this machine. Failed workers are "
                                    "restarted (--max-restarts) and resume from checkpoints/latest.")
     add_config_args(p)
-    p.add_argument("--nproc", type=int, default=None, help="workers (default: cluster.nproc_per_node or 1)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="workers (default: cluster.nproc_per_node, else cluster.gpus_per_node, else 1)")
     p.add_argument("--launcher", choices=("local", "mpi"), default=None,
                    help="local: torch elastic agent; mpi: mpiexec -n N (default: cluster.launcher, else local)")
     p.add_argument("--max-restarts", type=int, default=None, help="restart failed workers up to K times "
                    "(default: cluster.max_restarts)")
     p.add_argument("--mpiexec", default=None, help="mpiexec to use (default: beside this Python, then PATH)")
+    p.add_argument("--json", action="store_true", help="print {exit_code, nproc, launcher, run_dir} as JSON at the end")
     p.set_defaults(func=_launch)
 
     s = sub.add_parser("submit", help="render an sbatch script into the run directory and submit it to Slurm",
@@ -57,14 +59,18 @@ def _launch(args) -> int:
 
     cfg = load_from_args(args)
     launcher = args.launcher or (cfg.cluster.launcher if cfg.cluster.launcher in ("local", "mpi") else "local")
-    nproc = args.nproc if args.nproc is not None else (cfg.cluster.nproc_per_node or 1)
+    nproc = args.nproc if args.nproc is not None else (cfg.cluster.nproc_per_node or cfg.cluster.gpus_per_node or 1)
     restarts = args.max_restarts if args.max_restarts is not None else cfg.cluster.max_restarts
     cfg.cluster.launcher, cfg.cluster.nproc_per_node, cfg.cluster.max_restarts = launcher, nproc, restarts
     config_path = prepare_run(cfg, nproc)
     print(f"kiln: launching {nproc} worker(s) with {launcher}; run directory {config_path.parent}", flush=True)
     if launcher == "mpi":
-        return launch_mpi(worker_args(config_path), nproc, restarts, mpiexec=args.mpiexec)
-    return launch_local(worker_args(config_path), nproc, restarts)
+        code = launch_mpi(worker_args(config_path), nproc, restarts, mpiexec=args.mpiexec)
+    else:
+        code = launch_local(worker_args(config_path), nproc, restarts)
+    if args.json:
+        print(json.dumps({"exit_code": code, "nproc": nproc, "launcher": launcher, "run_dir": str(config_path.parent)}))
+    return code
 
 
 def _apply_submit_flags(cfg, args) -> None:

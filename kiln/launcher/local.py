@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Optional, Sequence
 
-from kiln.config import Config, to_yaml
+from kiln.config import Config, save_run_config
 from kiln.errors import KilnError
 from kiln.parallel.mesh import check_layout
 
@@ -28,11 +28,7 @@ def prepare_run(cfg: Config, nproc: int) -> Path:
     if nproc < 1:
         raise KilnError(f"--nproc must be >= 1, got {nproc}")
     check_layout(cfg, nproc)
-    run_dir = (Path(cfg.train.run_dir) / cfg.train.name).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.yaml"
-    config_path.write_text(to_yaml(cfg))
-    return config_path
+    return save_run_config(cfg)
 
 
 def worker_args(config_path: Path) -> list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from kiln.config import Config, ConfigError, to_yaml
+from kiln.config import Config, ConfigError, run_dir_of, save_run_config
 from kiln.errors import KilnError
 from kiln.parallel.mesh import check_layout
 
@@ -91,10 +91,6 @@ class Rendered:
     config_path: Path
     log_pattern: str
     world_size: int
-
-
-def run_dir_of(cfg: Config) -> Path:
-    return (Path(cfg.train.run_dir) / cfg.train.name).resolve()
 
 
 def _directives(cfg: Config, run_dir: Path, ntasks: int) -> list[str]:
@@ -202,7 +198,7 @@ def render(cfg: Config, python: Optional[str] = None, workdir: Optional[Path] = 
 
 def write(cfg: Config, rendered: Rendered) -> None:
     rendered.run_dir.mkdir(parents=True, exist_ok=True)
-    rendered.config_path.write_text(to_yaml(cfg))
+    save_run_config(cfg)
     rendered.script_path.write_text(rendered.script)
     rendered.script_path.chmod(0o755)
 
