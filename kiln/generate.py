@@ -5,23 +5,10 @@ from pathlib import Path
 
 import torch
 
-from kiln.checkpoint.manager import CheckpointManager, find_resumable
+from kiln.checkpoint.manager import CheckpointManager
 from kiln.config import Config, from_yaml_text
 from kiln.errors import KilnError
 from kiln.model import Transformer
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run directory, its checkpoints/ directory, or one step directory."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return path
-    for ckpt_dir in (path / "checkpoints", path):
-        if ckpt_dir.is_dir():
-            found = find_resumable(ckpt_dir)
-            if found:
-                return found
-    raise KilnError(f"no complete checkpoint found at {path}")
 
 
 def load_model(ckpt: Path) -> tuple[Transformer, Config]:

@@ -57,9 +57,10 @@ def _train(args) -> int:
 
 def _generate(args) -> int:
     from kiln.errors import KilnError
-    from kiln.generate import load_model, resolve_checkpoint, sample
+    from kiln.checkpoint.kiln_format import resolve_step_dir
+    from kiln.generate import load_model, sample
 
-    model, cfg = load_model(resolve_checkpoint(args.checkpoint))
+    model, cfg = load_model(resolve_step_dir(args.checkpoint))
     tok = None
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]

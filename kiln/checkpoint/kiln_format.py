@@ -14,7 +14,6 @@ import contextlib
 import io
 import json
 import pickle
-import re
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
@@ -24,12 +23,11 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
 
-from kiln.checkpoint.manager import META, step_dir_name
+from kiln.checkpoint.manager import META, check_checkpoint, find_resumable, step_dir_name
 from kiln.config import Config, config_hash, from_yaml_text, to_yaml
 from kiln.errors import KilnError
 
 MODEL_KEY = "model"
-STEP_DIR = re.compile(r"^step_\d{8}$")
 _TORCH_SAFE = {"Size", "strided", "contiguous_format", "channels_last", "preserve_format"}
 
 
@@ -78,21 +76,18 @@ def is_kiln_checkpoint(path: Path) -> bool:
 
 
 def resolve_step_dir(path: Path) -> Path:
-    """Find the DCP directory to read: a step dir itself, or `latest` under a run/checkpoints dir."""
+    """The checkpoint to read: a step dir itself (checked whole), or under a run or checkpoints/ dir
+    the one `latest` names, falling back to the newest whole one if it is damaged."""
     path = Path(path)
     if (path / ".metadata").is_file():
+        if (path / META).is_file():
+            check_checkpoint(path)
         return path
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = ckpts / "latest"
-    if latest.is_file():
-        step = ckpts / latest.read_text().strip()
-        if (step / ".metadata").is_file():
-            return step
-        raise KilnError(f"{latest} names {step.name}, which is not a complete checkpoint")
-    steps = sorted(p for p in ckpts.glob("step_*") if STEP_DIR.match(p.name) and (p / ".metadata").is_file())
-    if not steps:
-        raise KilnError(f"{path}: no kiln checkpoint found (expected checkpoints/latest or step_XXXXXXXX/.metadata)")
-    return steps[-1]
+    found = find_resumable(ckpts)
+    if found is None:
+        raise KilnError(f"{path}: no complete kiln checkpoint found (expected checkpoints/latest or step_XXXXXXXX/)")
+    return found
 
 
 def find_config(step_dir: Path) -> Config:
