@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 COMMON = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
           "data.synthetic=markov", "data.seq_len=16", "train.micro_batch=2", "train.global_batch_tokens=128",
@@ -29,7 +30,7 @@ def _train(layout: str, run_root: Path, data: tuple = ()) -> dict:
     overrides = [*COMMON, *data, *extra, f"train.run_dir={run_root}"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     verb = ["train"] if nproc == 1 else ["launch", "--nproc", str(nproc)]
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", *verb, *overrides], capture_output=True, text=True,
+    proc = run_group([sys.executable, "-m", "kiln.cli", *verb, *overrides], capture_output=True, text=True,
                           env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     lines = (run_root / "default" / "metrics.jsonl").read_text().splitlines()
@@ -71,11 +72,11 @@ def test_deepspeed_checkpoint_resumes_exactly_and_converts(tmp_path):
     for step in (3, 4):
         assert cont[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-6)
     # the native engine refuses it with a pointer to `kiln convert`, which imports it
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "train", *COMMON, "train.steps=6",
+    proc = run_group([sys.executable, "-m", "kiln.cli", "train", *COMMON, "train.steps=6",
                            f"train.run_dir={tmp_path / 'full'}"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "kiln convert" in proc.stderr
     out = tmp_path / "imported"
-    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "convert", str(tmp_path / "full" / "default"),
+    proc = run_group([sys.executable, "-m", "kiln.cli", "convert", str(tmp_path / "full" / "default"),
                            "--to", "kiln", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

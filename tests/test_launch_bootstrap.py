@@ -12,6 +12,7 @@ import sys
 import textwrap
 
 import pytest
+from conftest import run_group
 
 from kiln.errors import KilnError
 from kiln.launcher import bootstrap
@@ -144,7 +145,7 @@ def test_mpiexec_workers_bootstrap_through_mpi(tmp_path):
     from kiln.launcher.local import find_mpiexec, mpiexec_command
 
     cmd = mpiexec_command(find_mpiexec(), 2, sys.executable, [str(_worker(tmp_path)), str(tmp_path), "ok"])
-    done = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=150)
+    done = run_group(cmd, env=_clean_env(), capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-2000:]
     ranks = _ranks(tmp_path, 2)
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -161,7 +162,7 @@ def test_elastic_agent_restarts_a_killed_worker(tmp_path):
         from kiln.launcher.local import launch_local
         sys.exit(launch_local([{str(_worker(tmp_path))!r}, {str(tmp_path)!r}, "die-once"], 2, max_restarts=1))
     """)
-    done = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=220)
+    done = run_group([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=220)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = _ranks(tmp_path, 2)
     assert all(r["attempt"] == 1 and r["source"] == "env" and r["sum"] == 1.0 for r in ranks)
@@ -174,7 +175,7 @@ def test_elastic_agent_gives_up_after_max_restarts(tmp_path):
         from kiln.launcher.local import launch_local
         sys.exit(launch_local([{str(_worker(tmp_path))!r}, {str(tmp_path)!r}, "die-once"], 2, max_restarts=0))
     """)
-    done = subprocess.run([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=220)
+    done = run_group([sys.executable, "-c", code], env=_clean_env(), capture_output=True, text=True, timeout=220)
     assert done.returncode == 1
     assert "workers failed after 0 restart(s)" in done.stderr
     assert "Traceback" not in done.stderr.split("workers failed")[-1]

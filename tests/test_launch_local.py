@@ -5,6 +5,7 @@ loss and data position. The MPI launch and a run whose worker is SIGKILLed mid-w
 the agent, resumed from its last checkpoint) must end on exactly that step, token count, data
 position and loss.
 """
+import contextlib
 import json
 import os
 import re
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_group
 
 STEPS = 30
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
@@ -53,7 +55,7 @@ def final_state(run_dir: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launch_ref")
-    done = subprocess.run(_launch_cmd(tmp, "ref"), env=_env(), capture_output=True, text=True, timeout=400)
+    done = run_group(_launch_cmd(tmp, "ref"), env=_env(), capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     return final_state(tmp / "ref")
 
@@ -68,7 +70,7 @@ def test_local_launch_trains_dp2(reference):
 
 @pytest.mark.timeout(420)
 def test_mpi_launch_trains_the_same_dp2_job(tmp_path, reference):
-    done = subprocess.run(_launch_cmd(tmp_path, "mpi", "--launcher", "mpi"), env=_env(), capture_output=True,
+    done = run_group(_launch_cmd(tmp_path, "mpi", "--launcher", "mpi"), env=_env(), capture_output=True,
                           text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
     got = final_state(tmp_path / "mpi")
@@ -109,7 +111,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path,
     run_dir = tmp_path / "killed"
     log = open(tmp_path / "launch.log", "w")
     proc = subprocess.Popen(_launch_cmd(tmp_path, "killed", "--max-restarts", "1"), env=_env(), stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
         while _logged_step(run_dir) < 7:  # past the step-5 checkpoint, so some work is lost and redone
@@ -121,8 +123,8 @@ def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path,
         os.kill(workers[1], signal.SIGKILL)
         assert proc.wait(timeout=400) == 0, (tmp_path / "launch.log").read_text()[-3000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the agent and any worker it left behind
         log.close()
     output = (tmp_path / "launch.log").read_text()
     resumed = re.findall(r"resumed from \S+ at step (\d+)", output)
@@ -149,7 +151,7 @@ def test_open_mpi_gets_the_flags_it_needs(tmp_path):
 
 
 def test_missing_mpiexec_is_one_clear_line(tmp_path):
-    done = subprocess.run(_launch_cmd(tmp_path, "nompi", "--launcher", "mpi", "--mpiexec", str(tmp_path / "nope")),
+    done = run_group(_launch_cmd(tmp_path, "nompi", "--launcher", "mpi", "--mpiexec", str(tmp_path / "nope")),
                           env=_env(), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == f"kiln: mpiexec {str(tmp_path / 'nope')!r} not found"
