@@ -65,6 +65,24 @@ def write_kiln(source: Source, out: Path, dtype: Optional[str] = None) -> Path:
     return write_kiln_checkpoint(state, source.cfg, out)
 
 
+def _count_reads(source: Source):
+    """A progress bar (tensors read, rate, ETA) on a terminal: a 70B conversion takes minutes."""
+    from tqdm import tqdm
+
+    from kiln.checkpoint.layout import kiln_shapes
+
+    bar = tqdm(total=len(kiln_shapes(source.cfg.model)), unit="tensor", desc="convert", disable=None)
+    get = source.get
+
+    def counted(name: str) -> torch.Tensor:
+        t = get(name)
+        bar.update(1)
+        return t
+
+    source.get = counted
+    return bar
+
+
 def _prepare_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise KilnError(f"--out {out} exists and is not empty; choose a new directory")
@@ -84,6 +102,7 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
         raise KilnError("--tp/--pp select a Megatron layout; they need --to megatron")
     source = open_source(src, fmt)
     _prepare_out(out)
+    bar = _count_reads(source)
     if to == "hf":
         files = hf.write_hf(source, out, max_shard_size=max_shard_size, dtype=dtype)
     elif to == "megatron":
@@ -91,6 +110,7 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
     else:
         step_dir = write_kiln(source, out, dtype)
         files = [str(step_dir.relative_to(out))]
+    bar.close()
     return {"source": str(src), "source_format": fmt, "target": to, "out": str(out), "files": files,
             "model": {"d_model": source.cfg.model.d_model, "n_layers": source.cfg.model.n_layers,
                       "vocab_size": source.cfg.model.vocab_size}}
