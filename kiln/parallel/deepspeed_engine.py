@@ -9,17 +9,24 @@ interface as the native one; differences the train loop should know:
   `clip_grad_norm_` cannot see this step's norm before the step: it returns the norm DeepSpeed
   measured at the previous optimizer step (0.0 before the first).
 - Checkpoints: use `engine.save_checkpoint` / `load_checkpoint` (ZeRO partitions are not DTensors).
+- Initialization is always `full` (see runtime.init_mode): every rank materializes the whole fp32
+  model and moves it to its device; ZeRO partitions it only inside `deepspeed.initialize`, so the
+  model must fit on one device first (no `deepspeed.zero.Init` path; use the native engine's
+  `parallel.init=sharded` for larger models).
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 from torch import nn
 
 from kiln.config import Config, grad_accum_steps
 from kiln.errors import KilnError
+from kiln.model.llama import count_params
 from kiln.parallel.mesh import check_layout
 from kiln.parallel.parallelize import mixed_precision_dtype
-from kiln.parallel.runtime import cross_entropy, materialize, pick_device
+from kiln.parallel.runtime import FULL_INIT_MAX_BYTES, cross_entropy, materialize, pick_device
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
@@ -110,5 +117,10 @@ def setup_deepspeed(cfg: Config, model: nn.Module, world_size: int, rank: int) -
     except ImportError:
         raise KilnError("parallel.engine=deepspeed needs DeepSpeed: pip install 'kiln[deepspeed]'") from None
     device = pick_device(cfg.train.device, rank)
+    size = 4 * count_params(cfg.model)
+    if size >= FULL_INIT_MAX_BYTES and rank == 0:
+        warnings.warn(f"parallel.engine=deepspeed materializes the full fp32 model ({size / 2**30:.1f} GiB) on every "
+                      "rank before ZeRO partitions it; use parallel.engine=native for models that do not fit",
+                      stacklevel=2)
     materialize(model, cfg.train.seed)
     return DeepSpeedRuntime(cfg, model.to(device), device, rank, world_size)

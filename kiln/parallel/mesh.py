@@ -82,6 +82,8 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         _check(tp == 1 and pp == 1, "parallel.engine", "deepspeed supports DP-only layouts (tp=1, pp=1)")
         _check(dims["dp_replicate"] == 1, "parallel.dp_replicate",
                "deepspeed shards over all DP ranks; leave dp_replicate=1")
+        _check(p.init != "sharded", "parallel.init", "sharded initialization needs parallel.engine=native; "
+               "DeepSpeed builds the full model on every rank before ZeRO partitions it")
     return ParallelDims(pp=pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=tp,
                         virtual_stages=virtual, microbatches=micro)
 

@@ -4,8 +4,9 @@ schedule over them.
 Stages are balanced by layer count (embedding on the first, norm and output on the last; when
 layers do not divide evenly the extra layers go to the middle stages, which carry neither).
 With virtual stages, rank r holds stages r, r+pp, r+2pp, ... (the loop placement that the
-interleaved schedules expect). Each stage is a copy of the model with the other layers deleted,
-so parameter names are those of the full model.
+interleaved schedules expect). Each stage is a copy of the model's structure with the other
+layers deleted, so parameter names are those of the full model. The copy never duplicates weights:
+a meta-device model is copied as is (cheap), a materialized one shares its tensors with the stage.
 """
 from __future__ import annotations
 
@@ -35,12 +36,35 @@ def stage_indices(pp_rank: int, pp: int, virtual_stages: int) -> list[int]:
     return [pp_rank + v * pp for v in range(virtual_stages)]
 
 
+def _skeleton(model: nn.Module) -> nn.Module:
+    """A deep copy of `model` whose parameters and buffers are on the meta device (no storage)."""
+    memo: dict = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in memo:
+            meta = torch.empty_like(t, device="meta")
+            memo[id(t)] = nn.Parameter(meta, t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def _share_tensors(part: nn.Module, model: nn.Module) -> None:
+    """Point every parameter and buffer of `part` at the same-named tensor of `model`."""
+    source = dict(model.named_modules())
+    for name, module in part.named_modules():
+        for key in module._parameters:
+            if module._parameters[key] is not None:
+                module._parameters[key] = source[name]._parameters[key]
+        for key in module._buffers:
+            if module._buffers[key] is not None:
+                module._buffers[key] = source[name]._buffers[key]
+
+
 def split_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
-    """A deep copy of `model` holding only stage `stage`'s layers (and ends)."""
+    """`model` restricted to stage `stage`'s layers (and ends). A materialized model's tensors are
+    shared with the stage, not copied; a meta model gives a meta stage."""
     counts = layers_per_stage(len(model.layers), num_stages)
     start = sum(counts[:stage])
     keep = {str(i) for i in range(start, start + counts[stage])}
-    part = copy.deepcopy(model)
+    part = _skeleton(model)
     for name in list(part.layers.keys()):
         if name not in keep:
             del part.layers[name]
@@ -49,6 +73,8 @@ def split_stage(model: nn.Module, stage: int, num_stages: int) -> nn.Module:
     if stage != num_stages - 1:
         part.norm = None
         part.output = None
+    if not all(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        _share_tensors(part, model)
     return part
 
 

@@ -1,7 +1,13 @@
 """ParallelRuntime: what the train loop sees of parallelism, whatever the layout.
 
-`setup_parallel` builds the mesh, materializes the model with the run's seed (so every layout
-starts from the single-process weights), splits pipeline stages, and applies `parallelize`.
+`setup_parallel` builds the mesh, splits pipeline stages, applies `parallelize` and initializes
+the weights in one of two ways (`parallel.init`, see `init_mode`):
+- full: every rank materializes the whole model on CPU with the run's seed, then splits and shards
+  it, so every layout starts from exactly the single-process weights. Costs the full fp32 model in
+  host memory on every rank.
+- sharded: the model stays on the meta device through splitting and sharding; each rank then
+  allocates only its own shards on its device and initializes them (`init_sharded`). Memory is the
+  shard, not the model; the values differ from the single-process init (same distributions).
 The runtime then runs forward+backward of one micro-batch (a whole pipeline schedule under pp),
 clips by the global gradient norm and averages scalars over DP. The DeepSpeed engine provides the
 same interface (kiln.parallel.deepspeed_engine).
@@ -9,6 +15,7 @@ same interface (kiln.parallel.deepspeed_engine).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import os
 from typing import Callable
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import Config
+from kiln.errors import ConfigError
 from kiln.parallel.mesh import ParallelDims, build_mesh, check_layout, dp_coordinate
 from kiln.parallel.parallelize import data_parallel_mesh, mixed_precision_dtype, parallelize
 from kiln.parallel.pipeline import build_schedule, split_stage, stage_indices
@@ -29,6 +37,9 @@ def pick_device(name: str, rank: int = 0) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("train.device", f"cuda, but this torch ({torch.__version__}) sees no CUDA device; "
+                                              "use train.device=cpu or auto")
         index = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
@@ -47,6 +58,75 @@ def materialize(model: nn.Module, seed: int) -> nn.Module:
         model.to_empty(device="cpu")
     torch.manual_seed(seed)
     model.init_weights()
+    return model
+
+
+# `parallel.init: auto` initializes the full model on every rank below this fp32 size (exact
+# single-process weights, at most this much host memory per rank) and shards first above it.
+FULL_INIT_MAX_BYTES = 2 * 2**30
+
+
+def init_mode(cfg: Config) -> str:
+    """`full` or `sharded`, resolving `auto` by the model's fp32 size. DeepSpeed always uses full."""
+    from kiln.model.llama import count_params
+
+    mode = cfg.parallel.init
+    if cfg.parallel.engine == "deepspeed":
+        if mode == "sharded":
+            raise ConfigError("parallel.init", "sharded initialization needs parallel.engine=native; DeepSpeed "
+                                               "builds the full model on every rank before ZeRO partitions it")
+        return "full"
+    if mode == "auto":
+        return "full" if 4 * count_params(cfg.model) < FULL_INIT_MAX_BYTES else "sharded"
+    return mode
+
+
+def shard_seed(seed: int, stage: int, mesh) -> int:
+    """The RNG seed for this rank's shards of pipeline stage `stage`: different for every
+    (stage, dp_shard, tp) coordinate, so distinct shards draw independent numbers, and the same
+    across dp_replicate, whose ranks hold copies of one shard. Relies on every randomly
+    initialized parameter being sharded over dp_shard and tp (true for kiln's FSDP and TP plans;
+    the replicated norm weights are constant)."""
+    coord = (mesh["dp_shard"].get_local_rank(), mesh["tp"].get_local_rank()) if mesh is not None else (0, 0)
+    digest = hashlib.sha256(f"kiln-init/{seed}/{stage}/{coord[0]}/{coord[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def local_shards(module: nn.Module):
+    """Temporarily swap every DTensor parameter for a plain parameter over its local shard (same
+    storage), so in-place init writes this rank's shard with this rank's RNG on any device.
+    (DTensor's own random ops coordinate ranks only on CUDA and broadcast rank 0's RNG state.)"""
+    from torch.distributed.tensor import DTensor
+
+    swapped = []
+    for mod in module.modules():
+        for key, p in list(mod._parameters.items()):
+            if isinstance(p, DTensor):
+                mod._parameters[key] = nn.Parameter(p.to_local(), requires_grad=False)
+                swapped.append((mod, key, p))
+    try:
+        yield
+    finally:
+        for mod, key, p in swapped:
+            mod._parameters[key] = p
+
+
+@torch.no_grad()
+def init_sharded(part: nn.Module, device: torch.device, seed: int) -> nn.Module:
+    """Allocate a sharded meta-device model (or stage) on `device` and run its `init_weights` on
+    the local shards only (the RoPE buffer is recomputed there too). The global RNG is left as
+    it was."""
+    part.to_empty(device=device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), local_shards(part):
+        torch.manual_seed(seed)
+        part.init_weights()
+    return part
+
+
+def _on_meta(model: nn.Module) -> nn.Module:
+    if not all(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
+        model.to_empty(device="meta")
     return model
 
 
@@ -186,15 +266,22 @@ class ParallelRuntime:
 
 
 def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) -> ParallelRuntime:
-    """Mesh, materialized model, pipeline split and parallelize; see the module docstring."""
+    """Mesh, pipeline split, parallelize and weight init (full or sharded); see the module docstring.
+    `model` should be built on the meta device; setup_parallel allocates it."""
     if cfg.parallel.engine == "deepspeed":
         from kiln.parallel.deepspeed_engine import setup_deepspeed
 
         return setup_deepspeed(cfg, model, world_size, rank)
     dims = check_layout(cfg, world_size)
     device = pick_device(cfg.train.device, rank)
-    materialize(model, cfg.train.seed)
+    sharded = init_mode(cfg) == "sharded"
+    if sharded:
+        _on_meta(model)
+    else:
+        materialize(model, cfg.train.seed)
     if world_size == 1:
+        if sharded:  # nothing to shard: initialize straight on the device
+            init_sharded(model, device, cfg.train.seed)
         return ParallelRuntime(cfg, [parallelize(model.to(device), None, cfg, device)], device)
     mesh = build_mesh(dims, device)
     if dims.pp == 1:
@@ -203,7 +290,11 @@ def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) ->
         stages = tuple(stage_indices(mesh["pp"].get_local_rank(), dims.pp, dims.virtual_stages))
         parts = [split_stage(model, s, dims.num_stages) for s in stages]
         del model
-    parts = [parallelize(part.to(device), mesh, cfg, device) for part in parts]
+    if sharded:
+        parts = [init_sharded(parallelize(part, mesh, cfg, device), device, shard_seed(cfg.train.seed, s, mesh))
+                 for part, s in zip(parts, stages)]
+    else:
+        parts = [parallelize(part.to(device), mesh, cfg, device) for part in parts]
     runtime = ParallelRuntime(cfg, parts, device, mesh, dims, stages=stages)
     if dims.pp > 1:
         runtime.schedule = build_schedule(cfg.parallel.pp_schedule, parts, list(stages), dims.num_stages, device,
