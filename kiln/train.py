@@ -95,11 +95,7 @@ def train(cfg: Config) -> dict:
     _prepare_data(cfg, rank)
     _init_distributed(info.world_size, pick_device(cfg.train.device).type)
 
-    torch.manual_seed(cfg.train.seed)
-    if info.world_size > 1:
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
-    else:
+    with torch.device("meta"):  # setup_parallel allocates and initializes it (full or sharded)
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, info.world_size, rank)
     optimizers = rt.build_optimizers(
