@@ -323,19 +323,8 @@ def validate(cfg: Config) -> None:
     for key in ("pp", "dp_replicate", "tp", "pp_virtual_stages"):
         _check(getattr(p, key) >= 1, f"parallel.{key}", "must be >= 1")
     _check(p.dp_shard == -1 or p.dp_shard >= 1, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
-    _check(m.n_heads % p.tp == 0, "parallel.tp", f"model.n_heads={m.n_heads} is not divisible by tp={p.tp}")
-    _check(kv % p.tp == 0, "parallel.tp", f"model.n_kv_heads={kv} is not divisible by tp={p.tp}")
-    stages = p.pp * p.pp_virtual_stages
-    _check(m.n_layers >= stages, "parallel.pp", f"model.n_layers={m.n_layers} < pipeline stages pp*pp_virtual_stages={stages}")
-    if p.pp_schedule == "interleaved_1f1b" and p.pp > 1:
-        _check(p.pp_virtual_stages > 1, "parallel.pp_virtual_stages", "interleaved_1f1b needs pp_virtual_stages > 1")
-    if p.pp_microbatches is not None and p.pp > 1:
-        _check(p.pp_microbatches >= p.pp, "parallel.pp_microbatches", f"must be >= pp={p.pp}")
-        _check(cfg.train.micro_batch % p.pp_microbatches == 0, "parallel.pp_microbatches",
-               f"train.micro_batch={cfg.train.micro_batch} is not divisible by {p.pp_microbatches}")
-    if p.engine == "deepspeed":
-        _check(p.tp == 1 and p.pp == 1, "parallel.engine", "deepspeed supports DP-only layouts (tp=1, pp=1)")
-        _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    _check(p.zero_stage in (0, 1, 2, 3), "parallel.zero_stage", "must be 0, 1, 2 or 3")
+    _validate_layout(cfg)
     d = cfg.data
     _check(d.seq_len > 0, "data.seq_len", "must be positive")
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
@@ -361,6 +350,50 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+def pipeline_microbatches(cfg: Config) -> int:
+    """Micro-batches a pipeline schedule splits each train.micro_batch into (1 without pp)."""
+    p = cfg.parallel
+    return (p.pp_microbatches or p.pp) if p.pp > 1 else 1
+
+
+def _validate_layout(cfg: Config) -> None:
+    """The layout rules that need no world size: what tensor and pipeline parallelism require of the
+    model, the batch and the schedule. `kiln.parallel.check_layout` adds the world-size check."""
+    p, m = cfg.parallel, cfg.model
+    kv, tp, pp = m.n_kv_heads or m.n_heads, p.tp, p.pp
+    _check(m.n_heads % tp == 0, "parallel.tp", f"model.n_heads={m.n_heads} is not divisible by tp={tp}")
+    _check(kv % tp == 0, "parallel.tp", f"model.n_kv_heads={kv} is not divisible by tp={tp}")
+    _check(ffn_dim(m) % tp == 0, "parallel.tp", f"model ffn_dim={ffn_dim(m)} is not divisible by tp={tp}")
+    _check(m.vocab_size % tp == 0, "parallel.tp",
+           f"model.vocab_size={m.vocab_size} is not divisible by tp={tp} (vocab-parallel embedding/output)")
+    if p.sequence_parallel and tp > 1:
+        _check(cfg.data.seq_len % tp == 0, "data.seq_len",
+               f"{cfg.data.seq_len} is not divisible by tp={tp} (sequence parallel shards the sequence)")
+    if m.tie_embeddings:
+        _check(tp == 1 and pp == 1, "model.tie_embeddings", "tied embeddings need tp=1 and pp=1")
+    virtual = p.pp_virtual_stages if pp > 1 else 1
+    if pp > 1 and p.pp_schedule in ("gpipe", "1f1b"):
+        _check(virtual == 1, "parallel.pp_virtual_stages",
+               f"{p.pp_schedule} runs one stage per rank; use interleaved_1f1b or zero_bubble for virtual stages")
+    if pp > 1 and p.pp_schedule == "interleaved_1f1b":
+        _check(virtual > 1, "parallel.pp_virtual_stages", "interleaved_1f1b needs pp_virtual_stages > 1")
+    _check(m.n_layers >= pp * virtual, "parallel.pp",
+           f"model.n_layers={m.n_layers} < pipeline stages pp*pp_virtual_stages={pp * virtual}")
+    if pp > 1:
+        micro = pipeline_microbatches(cfg)
+        _check(micro >= pp, "parallel.pp_microbatches", f"{micro} must be >= pp={pp}")
+        _check(cfg.train.micro_batch % micro == 0, "parallel.pp_microbatches",
+               f"train.micro_batch={cfg.train.micro_batch} is not divisible by {micro} pipeline micro-batches")
+        if virtual > 1 or p.pp_schedule == "zero_bubble":
+            _check(micro % pp == 0, "parallel.pp_microbatches",
+                   f"{p.pp_schedule} needs micro-batches ({micro}) to be a multiple of pp={pp}")
+    if p.engine == "deepspeed":
+        _check(tp == 1 and pp == 1, "parallel.engine", "deepspeed supports DP-only layouts (tp=1, pp=1)")
+        _check(p.dp_replicate == 1, "parallel.dp_replicate", "deepspeed shards over all DP ranks; leave dp_replicate=1")
+        _check(p.init != "sharded", "parallel.init", "sharded initialization needs parallel.engine=native; "
+               "DeepSpeed builds the full model on every rank before ZeRO partitions it")
 
 
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:

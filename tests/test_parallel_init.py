@@ -198,9 +198,8 @@ def load_model_cfg(name: str, overrides=()):
 
 
 def test_deepspeed_refuses_sharded_init():
-    cfg = make_cfg(["parallel.engine=deepspeed", "parallel.init=sharded"])
     with pytest.raises(ConfigError) as err:
-        check_layout(cfg, 2)
+        check_layout(make_cfg(["parallel.engine=deepspeed", "parallel.init=sharded"]), 2)
     assert err.value.key == "parallel.init"
     assert init_mode(make_cfg(["parallel.engine=deepspeed"])) == "full"
 

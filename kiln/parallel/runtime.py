@@ -71,10 +71,7 @@ def init_mode(cfg: Config) -> str:
     from kiln.model.llama import count_params
 
     mode = cfg.parallel.init
-    if cfg.parallel.engine == "deepspeed":
-        if mode == "sharded":
-            raise ConfigError("parallel.init", "sharded initialization needs parallel.engine=native; DeepSpeed "
-                                               "builds the full model on every rank before ZeRO partitions it")
+    if cfg.parallel.engine == "deepspeed":  # config validation refuses deepspeed + sharded
         return "full"
     if mode == "auto":
         return "full" if 4 * count_params(cfg.model) < FULL_INIT_MAX_BYTES else "sharded"
