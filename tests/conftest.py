@@ -1,6 +1,8 @@
+import json
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -26,3 +28,17 @@ def run_group(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
             except ProcessLookupError:
                 pass
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def final_state(run_dir: Path) -> dict:
+    """Last logged loss per step (a resumed run logs some steps twice) and the final checkpoint's meta."""
+    losses = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = (record["tokens"], record["loss"])
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    last = max(losses)
+    return {"step": last, "tokens": losses[last][0], "loss": losses[last][1], "ckpt_step": meta["step"],
+            "ckpt_tokens": meta["tokens"], "data_state": meta["data_state"], "steps_logged": sorted(losses)}

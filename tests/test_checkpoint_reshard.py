@@ -4,7 +4,6 @@ keeps the data position (the global batch stream continues with nothing lost or 
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 

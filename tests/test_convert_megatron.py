@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +22,7 @@ from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpo
 from kiln.checkpoint.megatron import rank_dir_name
 from kiln.config import Config, ModelConfig, ffn_dim
 from kiln.errors import KilnError
+from kiln.launcher.bootstrap import shutdown
 from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")
@@ -109,11 +109,7 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
         import traceback
         result["error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-1500:]}"
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
 def run_megatron(tmp: Path, ckpt: Path, cfg: Config, tp: int, pp: int, tokens: torch.Tensor) -> list[dict]:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_group
+from conftest import final_state, run_group
 
 STEPS = 30
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
@@ -36,20 +36,6 @@ def _env():
 def _launch_cmd(tmp_path, name, *flags):
     return [sys.executable, "-m", "kiln.cli", "launch", *TINY, f"train.run_dir={tmp_path}", f"train.name={name}",
             "--nproc", "2", *flags]
-
-
-def final_state(run_dir: Path) -> dict:
-    """Last logged loss per step (a resumed run logs some steps twice) and the final checkpoint's meta."""
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = (record["tokens"], record["loss"])
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
-    last = max(losses)
-    return {"step": last, "tokens": losses[last][0], "loss": losses[last][1], "ckpt_step": meta["step"],
-            "ckpt_tokens": meta["tokens"], "data_state": meta["data_state"], "steps_logged": sorted(losses)}
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import final_state
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "slurm_local.sh"
@@ -75,19 +76,6 @@ def wait_for(env, job_id: str, timeout: float = 300) -> str:
     records = subprocess.run(["sacct", "-c", "-j", job_id, "-n", "-P", "-o", "JobID,State"], env=env,
                              capture_output=True, text=True).stdout.split()
     return records[-1].split("|")[1]
-
-
-def final_state(run_dir: Path) -> dict:
-    losses = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses[record["step"]] = (record["tokens"], record["loss"])
-    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
-    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
-    last = max(losses)
-    return {"step": last, "tokens": losses[last][0], "loss": losses[last][1], "ckpt_step": meta["step"],
-            "data_state": meta["data_state"], "steps_logged": sorted(losses)}
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ checkpointing) and bf16 autocast give the eager fp32 model's loss and gradients.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from kiln.model.llama import Transformer
 from kiln.parallel import setup_parallel

@@ -3,7 +3,6 @@ final weights), with grad accumulation and clipping, through kiln's runtime inte
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kiln.launcher.bootstrap import shutdown
 from test_parallel_support import ACCUM, CLIP, STEPS, batch_for, make_adamw, make_cfg, rel_err, spawn
 
 pytest.importorskip("deepspeed")
@@ -81,11 +81,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results[f"zero{stage}"] = _deepspeed_run(cfg, rank, world)
     if rank == 0:
         torch.save(results, Path(out_dir) / "results.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
+from kiln.launcher.bootstrap import shutdown
 from kiln.model.llama import Transformer, rope_cache
 from kiln.parallel import check_layout
 from kiln.parallel.pipeline import split_stage
@@ -79,11 +79,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
                                                                   world, rank)
         torch.save(res, Path(out_dir) / f"{name}.rank{rank}.pt")
         dist.barrier()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
 @functools.lru_cache(maxsize=None)

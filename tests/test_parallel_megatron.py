@@ -4,7 +4,6 @@ input gradients and each rank's weight-gradient shard (2 gloo ranks, CPU)."""
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,6 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from test_parallel_support import make_cfg, rel_err, spawn
+
+from kiln.launcher.bootstrap import shutdown
 
 pytest.importorskip("megatron.core")
 
@@ -96,11 +97,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for name, m in (("wq", mq), ("wk", mk), ("wv", mv), ("wo", mo)):
         results[f"attention.{name}.grad"] = (getattr(block.attention, name).weight.grad.to_local(), m.weight.grad)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
 @pytest.fixture(scope="module")

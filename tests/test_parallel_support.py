@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import load_config
+from kiln.launcher.bootstrap import shutdown
 
 TINY = ["model.vocab_size=128", "model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "model.max_seq_len=64", "model.attention=sdpa", "data.seq_len=16",
@@ -111,11 +111,7 @@ def layout_worker(rank: int, world: int, port: int, layouts: list, out_dir: str)
         res["params"] = {n: _full(p.detach()).clone() for part in rt.model_parts for n, p in part.named_parameters()}
         torch.save(res, Path(out_dir) / f"{name}.rank{rank}.pt")
         dist.barrier()
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
 def free_port() -> int:

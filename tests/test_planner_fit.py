@@ -50,7 +50,7 @@ def test_fit_reads_run_directories(tmp_path, capsys):
     from kiln.config import Config, ModelConfig, to_yaml
     from kiln.model import count_params
 
-    n_true, rows = [], []
+    rows = []
     for i, (d_model, layers) in enumerate([(64, 2), (128, 2), (128, 4), (256, 4), (256, 6), (64, 4)]):
         run = tmp_path / f"run{i}"
         run.mkdir()

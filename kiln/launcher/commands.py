@@ -10,7 +10,6 @@ import json
 import sys
 
 from kiln.cli import add_config_args, load_from_args
-from kiln.errors import KilnError
 
 
 def register(sub: argparse._SubParsersAction) -> None:

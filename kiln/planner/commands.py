@@ -1,9 +1,7 @@
 """`kiln plan`, `kiln plan fit` and `kiln estimate`."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -146,7 +144,7 @@ def plan_command(args) -> int:
 
 def _compare(args, request) -> int:
     from kiln.planner.laws import LAWS, get_law
-    from kiln.planner.plan import budget_flops, check_flags, make_plan
+    from kiln.planner.plan import check_flags, make_plan
 
     check_flags(request)
     laws = dict(LAWS)
