@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ class NonFiniteLoss(KilnError):
     pass
 
 
-def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int):
+def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Iterable[dict]:
     """The batch stream for one DP rank: the Markov oracle source, or prepared shards."""
     micro = cfg.train.micro_batch
     if cfg.data.synthetic == "markov":

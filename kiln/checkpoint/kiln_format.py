@@ -118,9 +118,6 @@ class KilnCheckpointReader:
     def names(self) -> list[str]:
         return list(self.meta)
 
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._md(name).size)
-
     def _md(self, name: str) -> TensorStorageMetadata:
         if name not in self.meta:
             raise KilnError(f"{self.step_dir}: checkpoint has no tensor model.{name}")

@@ -24,7 +24,6 @@ from kiln.errors import KilnError
 MANIFEST = "manifest.json"
 FORMAT = "kiln-token-shards"
 FORMAT_VERSION = 1
-SPLITS = ("train", "val")
 log = logging.getLogger("kiln.data")
 
 

@@ -37,10 +37,6 @@ class RankInfo:
     master_port: int
     source: str  # "env" | "slurm" | "mpi" | "single"
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 _current: Optional[RankInfo] = None
 

@@ -54,7 +54,8 @@ def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
     return (causal & same_doc)[:, None]
 
 
-def attention(q, k, v, backend: str, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
+              doc_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention with grouped-query support; returns (batch, seq, heads, head_dim)."""
     if backend == "flash":
         return _flash(q, k, v, doc_ids)

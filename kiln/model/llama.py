@@ -57,7 +57,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x, rope, doc_ids=None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
@@ -77,7 +77,7 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -89,7 +89,7 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, rope, doc_ids=None):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, doc_ids)
         return x + self.feed_forward(self.ffn_norm(x))
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from kiln.config import Config
 
 
-def parallelize(model: nn.Module, mesh, cfg: Config, device: torch.device) -> nn.Module:
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: torch.device) -> nn.Module:
     p = cfg.parallel
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
@@ -33,7 +34,7 @@ def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if mode == "bf16" else torch.float32
 
 
-def data_parallel_mesh(mesh):
+def data_parallel_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
     """The FSDP mesh: 2-D (replicate, shard) for HSDP, 1-D dp_shard for FSDP, None without DP."""
     if mesh is None:
         return None
@@ -43,7 +44,7 @@ def data_parallel_mesh(mesh):
     return mesh["dp_replicate", "dp_shard"] if rep > 1 else mesh["dp_shard"]
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:
     """Megatron-style TP through DTensor: q/k/v and w1/w3 column-wise, wo and w2 row-wise,
     vocab-parallel embedding and output (logits stay vocab-sharded for `loss_parallel`). With
     sequence parallel the norms and the residual stream are sharded along the sequence."""
@@ -88,7 +89,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
         parallelize_module(block, tp_mesh, plan)
 
 
-def replicate_on_mesh(module: nn.Module, mesh) -> None:
+def replicate_on_mesh(module: nn.Module, mesh: DeviceMesh) -> None:
     """Make a module's parameters replicated DTensors (plain tensors in, plain tensors out), so
     that every parameter of a TP model is a DTensor: foreach/fused optimizers refuse a mix."""
     from torch.distributed.tensor import DTensor, Replicate, distribute_module
@@ -133,7 +134,8 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
             checkpoint(block, context_fn=_selective_policy())
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, reshard_after_forward: bool, param_dtype: torch.dtype) -> None:
+def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
+               param_dtype: torch.dtype) -> None:
     """FSDP2 per block, then the root (embedding, norm, output). HSDP when dp_mesh is 2-D.
     Gradients are reduced in fp32 whatever the parameter dtype."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
