@@ -29,7 +29,7 @@ setup(
         "mpi": ["mpi4py>=4.0", "mpich"],
         "megatron": ["megatron-core>=0.12"],
         "hf": ["transformers>=4.45"],
-        "dev": ["pytest>=8", "pytest-timeout", "transformers>=4.45", "megatron-core>=0.12",
+        "dev": ["pytest>=8", "pytest-timeout", "psutil", "transformers>=4.45", "megatron-core>=0.12",
                 "mpi4py>=4.0", "mpich", "deepspeed>=0.15"],
     },
     entry_points={"console_scripts": ["kiln=kiln.cli:main"]},

@@ -250,17 +250,25 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
 def _absolute_paths(cfg: Config) -> None:
     """Data and checkpoint paths are relative to where the command runs; the saved config holds
     them absolute so that workers, `kiln generate` and `kiln convert` work from any directory."""
+    def absolute(path: str) -> str:  # no symlink resolution: container mounts see the path as written
+        return os.path.abspath(os.path.expanduser(path))
+
     d = cfg.data
     if d.path:
-        d.path = str(Path(d.path).expanduser().resolve())
+        d.path = absolute(d.path)
     for item in d.mixture:
-        item.path = str(Path(item.path).expanduser().resolve())
+        item.path = absolute(item.path)
+    if d.prepare is not None:
+        d.prepare.inputs = [i if i == "stdlib" else absolute(i) for i in d.prepare.inputs]
+        if not d.prepare.tokenizer.startswith(("bpe:", "byte")):
+            d.prepare.tokenizer = absolute(d.prepare.tokenizer)
     if cfg.checkpoint.init_from:
-        cfg.checkpoint.init_from = str(Path(cfg.checkpoint.init_from).expanduser().resolve())
+        cfg.checkpoint.init_from = absolute(cfg.checkpoint.init_from)
+    cfg.train.run_dir = absolute(cfg.train.run_dir)
 
 
 def run_dir_of(cfg: Config) -> Path:
-    return (Path(cfg.train.run_dir) / cfg.train.name).resolve()
+    return Path(os.path.abspath(Path(cfg.train.run_dir) / cfg.train.name))
 
 
 def save_run_config(cfg: Config) -> Path:
@@ -329,6 +337,8 @@ def validate(cfg: Config) -> None:
     _check(d.seq_len > 0, "data.seq_len", "must be positive")
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")
     _check(d.num_workers >= 0, "data.num_workers", "must be >= 0")
+    for i, item in enumerate(d.mixture):
+        _check(item.weight > 0, f"data.mixture.{i}.weight", f"must be positive, got {item.weight}")
     _check(d.synthetic in (None, "markov"), "data.synthetic", f"{d.synthetic!r} is not one of markov")
     if d.synthetic:
         _check(0 < d.synthetic_vocab <= m.vocab_size, "data.synthetic_vocab",

@@ -24,6 +24,7 @@ from kiln.model import Transformer, flops_per_token
 from kiln.optim import build_optimizer, lr_at, set_lr
 
 log = logging.getLogger("kiln.train")
+PREPARE_WAIT_S = 6 * 3600  # ranks > 0 wait this long for rank 0 to tokenize a missing corpus
 
 
 class NonFiniteLoss(KilnError):
@@ -63,11 +64,16 @@ def _prepare_data(cfg: Config, rank: int) -> None:
 
         ensure_prepared(cfg.data)
         return
-    manifest, start = Path(cfg.data.path) / "manifest.json", time.time()
+    manifest, start, next_log = Path(cfg.data.path) / "manifest.json", time.time(), 60.0
     while not manifest.is_file():
         time.sleep(1.0)
-        if int(time.time() - start) % 60 == 0:
-            log.info("waiting for rank 0 to prepare %s (%.0fs)", cfg.data.path, time.time() - start)
+        waited = time.time() - start
+        if waited > PREPARE_WAIT_S:
+            raise KilnError(f"data.path: {manifest} did not appear after {waited:.0f}s; rank 0 prepares it, "
+                            f"so data.path must be on a filesystem every node shares")
+        if waited >= next_log:
+            log.info("waiting for rank 0 to prepare %s (%.0fs)", cfg.data.path, waited)
+            next_log += 60.0
 
 
 def _any_rank(flag: bool) -> bool:
@@ -98,6 +104,14 @@ def train(cfg: Config) -> dict:
     with torch.device("meta"):  # setup_parallel allocates and initializes it (full or sharded)
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, info.world_size, rank)
+    del model  # pipeline stages may share its (now sharded) parameters; keep no full-size copy alive
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
+    if resume_from is None and cfg.checkpoint.init_from:
+        # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
+        from kiln.checkpoint.kiln_format import resolve_step_dir
+
+        ckpt.load(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, None, config_hash(cfg))
     optimizers = rt.build_optimizers(
         lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
@@ -105,9 +119,8 @@ def train(cfg: Config) -> dict:
     step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
 
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+    val_loader = None
     step, tokens, last_saved = 0, 0, None
-    resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
     if resume_from is not None:
         meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg), engine=engine)
         step, tokens = meta["step"], meta["tokens"]
@@ -119,10 +132,6 @@ def train(cfg: Config) -> dict:
             train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
         if rank == 0:
             print(f"resumed from {resume_from} at step {step}", flush=True)
-    elif cfg.checkpoint.init_from:
-        from kiln.checkpoint.kiln_format import resolve_step_dir
-
-        ckpt.load(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, None, config_hash(cfg))
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)
@@ -133,7 +142,7 @@ def train(cfg: Config) -> dict:
     last_log_step, stopped_early = step, False
     batches = iter(train_loader)
     if rank == 0:
-        print(f"run directory: {run_dir.resolve()}", flush=True)
+        print(f"run directory: {run_dir}", flush=True)
 
     def save(at_step: int) -> None:
         nonlocal last_saved
@@ -172,7 +181,9 @@ def train(cfg: Config) -> dict:
                                 "tokens_per_s": tps, "mfu": mfu(tps, fpt, info.world_size, peak)})
                 last_log_step, last_log_time = step, now
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
-                eval_loss = evaluate(cfg, rt)
+                if val_loader is None:  # built once: shards are indexed and verified once per run
+                    val_loader = _val_loader(cfg, rt)
+                eval_loss = evaluate(cfg, rt, val_loader)
                 if logger and eval_loss is not None:
                     logger.log({"step": step, "tokens": tokens, "eval_loss": eval_loss}, prefix="eval")
             out_of_time = cfg.train.max_time_s is not None and time.time() - start_time > cfg.train.max_time_s
@@ -190,17 +201,25 @@ def train(cfg: Config) -> dict:
     summary = {"step": step, "tokens": tokens, "run_dir": str(run_dir), "stopped_early": stopped_early,
                "requeue": stop.requested, "seconds": time.time() - start_time}
     if rank == 0:
-        print(f"done: step {step}, {tokens:,} tokens in {summary['seconds']:.1f}s; run directory: "
-              f"{run_dir.resolve()}", flush=True)
+        print(f"done: step {step}, {tokens:,} tokens in {summary['seconds']:.1f}s; run directory: {run_dir}",
+              flush=True)
     return summary
 
 
-def evaluate(cfg: Config, rt) -> float | None:
-    """Mean loss over cfg.train.eval_steps held-out batches (the same batches every time)."""
+def _val_loader(cfg: Config, rt):
+    """The held-out loader, or False when any rank cannot build it (too small, a bad shard only that
+    rank hashed): every rank must skip evaluation together, or the others hang in its collectives."""
     try:
-        loader = build_loader(cfg, "val", rt.dp_rank, rt.dp_size)
+        loader, failed = build_loader(cfg, "val", rt.dp_rank, rt.dp_size), False
     except KilnError as exc:
         log.warning("no evaluation: %s", exc)
+        loader, failed = None, True
+    return False if _any_rank(failed) else loader
+
+
+def evaluate(cfg: Config, rt, loader) -> float | None:
+    """Mean loss over cfg.train.eval_steps held-out batches (the same batches every time)."""
+    if not loader:
         return None
     losses = []
     for i, batch in enumerate(loader):

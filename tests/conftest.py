@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -18,16 +19,28 @@ def run_group(cmd, timeout: float, **kwargs) -> subprocess.CompletedProcess:
     with subprocess.Popen(cmd, start_new_session=True, **kwargs) as proc:
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        except BaseException:  # a timeout here or pytest-timeout's interrupt: leave nothing running
+            kill_tree(proc.pid)
             proc.communicate()
             raise
         finally:
-            try:  # workers the agent orphaned on exit
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            kill_tree(proc.pid)  # workers the agent orphaned on exit
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its descendants (the elastic agent puts workers in their own sessions) and its group."""
+    import psutil
+
+    try:
+        procs = psutil.Process(pid).children(recursive=True) + [psutil.Process(pid)]
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def final_state(run_dir: Path) -> dict:

@@ -94,3 +94,13 @@ def test_async_save_matches_sync_and_resumes(tmp_path):
     train(_cfg(tmp_path / "resumed", "train.steps=6", "checkpoint.every=3", "checkpoint.async_save=true"))
     full, resumed = _losses(run), _losses(tmp_path / "resumed" / "default")
     assert all(full[s] == resumed[s] for s in (4, 5, 6))
+
+
+def test_crash_between_resave_renames_falls_back_to_the_kept_copy(tmp_path):
+    train(_cfg(tmp_path, "train.steps=4", "checkpoint.every=2", "checkpoint.keep_last=3"))
+    ckpts = tmp_path / "default" / "checkpoints"
+    (ckpts / "step_00000004").rename(ckpts / "step_00000004.old")  # moved aside, new copy never arrived
+    found = find_resumable(ckpts)
+    assert found.name == "step_00000004.old"
+    assert train(_cfg(tmp_path, "train.steps=6", "checkpoint.every=2", "checkpoint.keep_last=3"))["step"] == 6
+    assert not list(ckpts.glob("*.old"))  # pruned once a newer checkpoint is complete

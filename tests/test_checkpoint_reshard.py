@@ -78,6 +78,34 @@ def test_deepspeed_checkpoint_resumes_exactly_and_converts(tmp_path):
     proc = run_group([sys.executable, "-m", "kiln.cli", "convert", str(tmp_path / "full" / "default"),
                            "--to", "kiln", "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # and a new DeepSpeed run starts from the imported weights (loaded before ZeRO copies its fp32 master)
+    tuned = _train("zero2", tmp_path / "tuned", (f"checkpoint.init_from={out}", "optim.lr=1e-9", "optim.warmup_steps=0"))
+    assert tuned[1]["loss"] < full[1]["loss"] - 0.05  # far from the random-init loss
+    assert tuned[4]["loss"] == pytest.approx(tuned[1]["loss"], abs=0.1)  # and ZeRO's steps keep them
+
+
+def test_a_val_shard_only_one_rank_finds_corrupt_skips_eval_on_every_rank(tmp_path):
+    """Shard hashing is split over ranks; if the hashing rank cannot build the val loader, all ranks skip
+    evaluation together instead of the others waiting forever in its collectives."""
+    import random
+
+    from kiln.data.prepare import prepare
+
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": "".join(rng.choice("abcdefgh \n") for _ in range(200))}) + "\n"
+                              for _ in range(40)))
+    prepare([str(corpus)], str(tmp_path / "data"), "byte", samples_per_shard=6, val_fraction=0.3, sample_tokens=64,
+            num_proc=1)
+    val = sorted((tmp_path / "data").glob("val-*.tar"))
+    raw = bytearray(val[0].read_bytes())
+    raw[-1100] ^= 0xFF  # a flipped token byte: structure intact, only the sha256 (one rank's job) catches it
+    val[0].write_bytes(bytes(raw))
+    data = ["model.vocab_size=257", "data.synthetic=null", f"data.path={tmp_path / 'data'}", "data.num_workers=0",
+            "train.eval_every=2", "train.eval_steps=1"]
+    metrics = _train("fsdp2", tmp_path / "run", data)
+    assert sorted(metrics) == [1, 2, 3, 4]  # trained to the end, no hang
+    assert not any("eval_loss" in r for r in metrics.values())  # both ranks skipped evaluation
 
 
 def test_dp2_to_dp4_on_prepared_shards_continues_the_global_batch_stream(tmp_path):

@@ -5,7 +5,6 @@ loss and data position. The MPI launch and a run whose worker is SIGKILLed mid-w
 the agent, resumed from its last checkpoint) must end on exactly that step, token count, data
 position and loss.
 """
-import contextlib
 import json
 import os
 import re
@@ -16,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import final_state, run_group
+from conftest import final_state, kill_tree, run_group
 
 STEPS = 30
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
@@ -109,8 +108,7 @@ def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path,
         os.kill(workers[1], signal.SIGKILL)
         assert proc.wait(timeout=400) == 0, (tmp_path / "launch.log").read_text()[-3000:]
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)  # the agent and any worker it left behind
+        kill_tree(proc.pid)  # the agent and any worker it left behind
         log.close()
     output = (tmp_path / "launch.log").read_text()
     resumed = re.findall(r"resumed from \S+ at step (\d+)", output)

@@ -26,6 +26,7 @@ from test_parallel_support import make_cfg
       "train.micro_batch=3"], 2, "parallel.pp_microbatches"),
     (["model.tie_embeddings=true", "parallel.pp=2"], 2, "model.tie_embeddings"),
     (["parallel.engine=deepspeed", "parallel.dp_replicate=2"], 2, "parallel.dp_replicate"),
+    (["train.global_batch_tokens=100"], 2, "train.global_batch_tokens"),  # caught at launch, not in workers
 ])
 def test_bad_layout_names_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as err:  # at load time, or (world size) when the layout is resolved

@@ -163,6 +163,8 @@ class CheckpointManager:
         for old in done[:-self.keep_last]:
             if old.name != keep:
                 shutil.rmtree(old, ignore_errors=True)
+        for stray in self.dir.glob(f"{STEP_PREFIX}*.old"):
+            shutil.rmtree(stray, ignore_errors=True)
 
     # ---------- finding and loading ----------
     def find_resumable(self) -> Path | None:
@@ -247,6 +249,8 @@ def find_resumable(ckpt_dir: Path) -> Path | None:
                          if p.is_dir() and p.suffix not in (".tmp", ".old")), reverse=True)
     if latest.is_file():
         named = ckpt_dir / latest.read_text().strip()
+        if not named.exists() and named.with_name(named.name + ".old").is_dir():
+            named = named.with_name(named.name + ".old")  # a crash between re-save's two renames
         candidates = [named] + [c for c in candidates if c.name < named.name]
     for cand in candidates:
         try:

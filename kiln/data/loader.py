@@ -48,6 +48,7 @@ from kiln.data.shards import index_shards, read_manifest
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.data")
+MAX_OPEN_SHARDS = 64  # per process (reader or worker); least recently used closed first
 CHOICE_CHUNK = 1024
 STATE_VERSION = 2
 
@@ -123,7 +124,11 @@ class _Source:
     def _fd(self, shard: int) -> int:
         if self._pid != os.getpid():  # opened per process: never share descriptors across fork
             self._fds, self._pid = {}, os.getpid()
-        if shard not in self._fds:
+        if shard in self._fds:
+            self._fds[shard] = self._fds.pop(shard)  # most recently used last
+        else:
+            if len(self._fds) >= MAX_OPEN_SHARDS:  # a split of 50k shards must not exhaust `ulimit -n`
+                os.close(self._fds.pop(next(iter(self._fds))))
             try:
                 self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
             except OSError as exc:

@@ -142,8 +142,10 @@ def _env_lines(cfg: Config) -> list[str]:
 def _srun_args(cfg: Config, ntasks: int, workdir: Path, run_dir: Path) -> str:
     args = ["--kill-on-bad-exit=1", f"--ntasks-per-node={ntasks}"]
     image = cfg.cluster.container_image
-    if image:  # pyxis/enroot; the code and the run directory are mounted at the same paths
-        mounts = ",".join(sorted({str(workdir), str(run_dir)}))
+    if image:  # pyxis/enroot; code, run directory, data and init checkpoint mounted at the same paths
+        paths = {str(workdir), str(run_dir), *(m.path for m in cfg.data.mixture)}
+        paths |= {p for p in (cfg.data.path, cfg.checkpoint.init_from) if p}
+        mounts = ",".join(sorted(paths))
         args += [f"--container-image={image}", f"--container-mounts={mounts}", f"--container-workdir={workdir}"]
     return " ".join(shlex.quote(a) for a in args)
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.config import Config, pipeline_microbatches, resolve_world, validate
+from kiln.config import Config, grad_accum_steps, pipeline_microbatches, resolve_world, validate
 from kiln.errors import ConfigError
 
 DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
@@ -47,6 +47,7 @@ def check_layout(cfg: Config, world_size: int) -> ParallelDims:
         raise ConfigError("parallel", f"world size must be >= 1, got {world_size}")
     validate(cfg)
     dims = resolve_world(cfg, world_size)
+    grad_accum_steps(cfg, dims["dp_replicate"] * dims["dp_shard"])  # global batch must split over DP
     p = cfg.parallel
     return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp,
                         virtual_stages=p.pp_virtual_stages if p.pp > 1 else 1,
