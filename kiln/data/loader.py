@@ -22,8 +22,8 @@ the windows those slots took. Any DP size n and micro-batch B with W % (n*B) == 
 exactly (nothing lost or repeated); otherwise resuming is refused with a KilnError.
 
 Verification, when a loader is built (every rank reads every shard, so every rank must accept the
-same shards): each rank checks the size and tar structure of all shards of the split (cheap: one
-header read per sample). With on_bad_shard=fail the sha256 work is partitioned: shard k (counting
+same shards): each rank checks the size and tar structure of all shards of the split (cheap: the
+fixed layout at three headers per shard). With on_bad_shard=fail the sha256 work is partitioned: shard k (counting
 through the datasets in config order) is hashed by DP rank k mod n, so the job fails if any shard
 is corrupt, at the cost of hashing the data once in total. With on_bad_shard=skip each rank hashes
 every shard, so all ranks skip the same ones (each reads the whole split once at start).
