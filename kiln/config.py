@@ -355,12 +355,15 @@ def run_dir_of(cfg: Config) -> Path:
 def save_run_config(cfg: Config) -> Path:
     """Write <run_dir>/config.yaml atomically (other workers may be reading it), only if it changed."""
     run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path, text = run_dir / "config.yaml", to_yaml(cfg)
-    if not (path.is_file() and path.read_text() == text):
-        tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (path.is_file() and path.read_text() == text):
+            tmp = path.with_name(f".config.yaml.{os.getpid()}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+    except OSError as exc:
+        raise ConfigError("train.run_dir", f"cannot write the run directory {run_dir}: {exc.strerror or exc}") from None
     return path
 
 

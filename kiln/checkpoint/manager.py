@@ -217,6 +217,9 @@ class CheckpointManager:
         for stray in self.dir.glob(f"{STEP_PREFIX}*.old"):
             shutil.rmtree(stray, ignore_errors=True)
 
+    def has_checkpoints(self) -> bool:
+        return bool(_step_dirs(self.dir)) if self.dir.is_dir() else False
+
     def clean_stale(self) -> None:
         """Remove what a crashed or failed save left behind (`step_X.tmp`, `latest.tmp`). Rank 0, at start."""
         for stray in list(self.dir.glob(f"{STEP_PREFIX}*.tmp")) + [self.dir / "latest.tmp"]:
