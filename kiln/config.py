@@ -105,7 +105,7 @@ class ParallelConfig:
     engine: str = one_of("native", "deepspeed")
     pp: int = ranged(1, 1, 4096)
     dp_replicate: int = ranged(1, 1, BIG)
-    dp_shard: int = ranged(-1, -1, BIG, note=" (-1: the rest of the world; 0 is not allowed)")
+    dp_shard: int = ranged(-1, -1, BIG)  # -1: the rest of the world
     tp: int = ranged(1, 1, 4096)
     sequence_parallel: bool = True  # only meaningful with tp > 1
     pp_schedule: str = one_of("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble")
@@ -406,6 +406,7 @@ def validate(cfg: Config) -> None:
     _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim (d_model / n_heads) must be even for RoPE")
     kv = m.n_kv_heads or m.n_heads
     _check(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
+    _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
     _validate_layout(cfg)
     d = cfg.data
     _check(d.seq_len <= m.max_seq_len, "data.seq_len", f"{d.seq_len} exceeds model.max_seq_len={m.max_seq_len}")

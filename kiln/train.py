@@ -121,7 +121,7 @@ def train(cfg: Config) -> dict:
     del model  # pipeline stages may share its (now sharded) parameters; keep no full-size copy alive
     resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
     if cfg.checkpoint.resume and resume_from is None and ckpt.has_checkpoints():
-        raise KilnError(f"{ckpt.dir}: no checkpoint there is whole (see the warnings above); move them away "
+        raise KilnError(f"{ckpt.dir}: no checkpoint there is whole ({'; '.join(ckpt.rejected)}); move them away "
                         f"to start over, or set checkpoint.resume=false")
     if resume_from is None and cfg.checkpoint.init_from:
         # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.

@@ -51,9 +51,11 @@ def resolve_step_dir(path: Path) -> Path:
             check_checkpoint(path)
         return path
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = find_resumable(ckpts)
+    rejected: list[str] = []
+    found = find_resumable(ckpts, rejected=rejected)
     if found is None:
-        raise KilnError(f"{path}: no complete kiln checkpoint found (expected checkpoints/latest or step_XXXXXXXX/)")
+        why = f": {'; '.join(rejected)}" if rejected else " (expected checkpoints/latest or step_XXXXXXXX/)"
+        raise KilnError(f"{path}: no complete kiln checkpoint found{why}")
     return found
 
 

@@ -232,7 +232,8 @@ class CheckpointManager:
     def find_resumable(self) -> Path | None:
         """The checkpoint `latest` names if it is whole, else the newest whole one before it. Collective
         under a process group: each rank verifies a share of the files and all agree on the result."""
-        return find_resumable(self.dir, part=(_rank(), _world()), agree=_all_ok)
+        self.rejected: list[str] = []
+        return find_resumable(self.dir, part=(_rank(), _world()), agree=_all_ok, rejected=self.rejected)
 
     def load(self, path: Path, model_parts: list, optimizers: list | None, expect_hash: str | None,
              engine=None) -> dict:
@@ -369,9 +370,11 @@ def read_latest(ckpt_dir: Path) -> Path | None:
     return named
 
 
-def find_resumable(ckpt_dir: Path, part: tuple[int, int] | None = (0, 1), agree=None) -> Path | None:
+def find_resumable(ckpt_dir: Path, part: tuple[int, int] | None = (0, 1), agree=None,
+                   rejected: list[str] | None = None) -> Path | None:
     """The checkpoint `latest` names if it is whole, else the newest whole one before it (or the
-    newest whole one at all when `latest` is unusable). `agree(ok)` makes every rank's verdict common."""
+    newest whole one at all when `latest` is unusable). `agree(ok)` makes every rank's verdict common;
+    why each skipped checkpoint was refused is appended to `rejected`."""
     ckpt_dir = Path(ckpt_dir)
     candidates = _step_dirs(ckpt_dir)[::-1]
     named = read_latest(ckpt_dir)
@@ -387,7 +390,10 @@ def find_resumable(ckpt_dir: Path, part: tuple[int, int] | None = (0, 1), agree=
             ok = agree(ok)
         if ok:
             return cand
-        log.warning("skipping checkpoint: %s", why or f"{cand} failed verification on another rank")
+        why = why or f"{cand} failed verification on another rank"
+        log.warning("skipping checkpoint: %s", why)
+        if rejected is not None:
+            rejected.append(why)
     return None
 
 

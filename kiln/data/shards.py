@@ -134,8 +134,10 @@ def check_manifest(m: dict, path: Path) -> None:
     _need(m["tokenizer"], _TOKENIZER_KEYS, f"{path}: tokenizer")
     if m["dtype"] not in ("uint16", "uint32"):
         raise KilnError(f"{path}: dtype {m['dtype'][:20]!r} is not uint16 or uint32")
-    if m["vocab_size"] < 1 or m["sample_tokens"] < 1 or not 0 <= m["tokenizer"]["eos_id"] < m["vocab_size"]:
-        raise KilnError(f"{path}: vocab_size, sample_tokens must be positive and tokenizer.eos_id < vocab_size")
+    if m["vocab_size"] < 1 or m["sample_tokens"] < 1:
+        raise KilnError(f"{path}: vocab_size and sample_tokens must be positive")
+    if not 0 <= m["tokenizer"]["eos_id"] < m["vocab_size"]:
+        raise KilnError(f"{path}: tokenizer.eos_id {m['tokenizer']['eos_id']} is not below vocab_size {m['vocab_size']}")
     for split, body in m["splits"].items():
         shards = body.get("shards") if isinstance(body, dict) else None
         if not isinstance(shards, list):
