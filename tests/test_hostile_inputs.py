@@ -218,7 +218,7 @@ def test_planted_pickle_in_foreign_checkpoint_never_runs(tmp_path, capsys, kind)
         src.mkdir()
         (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
         (src / "pytorch_model.bin").write_bytes(payload)
-        culprit = str(src)
+        culprit = "safetensors"
     rc, _, err = kiln(capsys, "convert", src, "--to", "kiln", "--out", tmp_path / "out")
     assert not marker.exists()
     assert rc == 2

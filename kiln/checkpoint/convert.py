@@ -38,6 +38,9 @@ def detect_format(src: Path) -> str:
         return "deepspeed"
     if is_kiln_checkpoint(src):
         return "kiln"
+    if any(src.glob("*.bin")) or any(src.glob("*.pt")) or any(src.glob("*.pth")):
+        raise KilnError(f"{src}: holds only pickled weights (.bin/.pt); kiln reads Hugging Face weights from "
+                        f"safetensors, which cannot run code: save the model with safe_serialization=True first")
     raise KilnError(f"{src}: not a kiln, Hugging Face, Megatron or DeepSpeed checkpoint")
 
 

@@ -125,6 +125,7 @@ class CheckpointManager:
         self.keep_last = keep_last
         self.async_save = async_save
         self._pending: tuple | None = None  # (future, tmp_dir, final_dir, meta, config_yaml)
+        self.rejected: list[str] = []  # why find_resumable skipped each checkpoint it refused
 
     # ---------- saving ----------
     def save(self, step: int, model_parts: list, optimizers: list, meta: dict, data_state: dict | None,
