@@ -260,6 +260,32 @@ def test_a_second_stop_signal_exits_at_once(signum):
     assert f"second {signum.name}: exiting now, without a checkpoint" in err and "Traceback" not in err
 
 
+FORKED = """
+    import os, signal, time
+    from kiln.launcher import signals
+    flag = signals.install_stop_handlers()
+    kid = os.fork()
+    if kid == 0:  # a forked helper, as a DataLoader worker is: it inherits the handlers
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(kid, signal.SIGINT)
+    time.sleep(0.5)
+    alive_after_int = os.waitpid(kid, os.WNOHANG) == (0, 0)
+    os.kill(kid, signal.SIGTERM)
+    _, status = os.waitpid(kid, 0)
+    print(alive_after_int, os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM, flag.requested)
+"""
+
+
+def test_a_forked_helper_keeps_default_signal_behaviour():
+    """SIGINT (a terminal's Ctrl-C reaches the whole group) is left to the parent; SIGTERM kills the
+    helper as it would without kiln's handler; the parent's flag is untouched."""
+    proc = _python(FORKED)
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == ["True", "True", "False"], err
+
+
 WATCHER = """
     import os, sys, time
     from kiln.launcher import signals

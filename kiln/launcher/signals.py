@@ -49,9 +49,25 @@ class Interrupted(BaseException):
         return 128 + self.signum
 
 
+_OWNER = os.getpid()  # the process that installs the handlers; forked children inherit them
+
+
+def _in_forked_child(received: int) -> bool:
+    """A forked helper (a DataLoader worker) is not ours to stop: SIGTERM kills it as it would
+    have without kiln's handler, SIGINT (a terminal's Ctrl-C reaches the whole group) is left to
+    the parent, which stops it."""
+    if os.getpid() == _OWNER:
+        return False
+    if received == signal.SIGTERM:
+        signal.signal(received, signal.SIG_DFL)
+        os.kill(os.getpid(), received)
+    return True
+
+
 def raise_interrupted(signum: int, _frame=None) -> None:
     """A signal handler for commands that have nothing to save: stop with `Interrupted`."""
-    raise Interrupted(signum)
+    if not _in_forked_child(signum):
+        raise Interrupted(signum)
 
 
 @dataclass
@@ -97,6 +113,8 @@ def _rank() -> int:
 
 
 def _handler(received: int, _frame) -> None:
+    if _in_forked_child(received):
+        return
     flag = _flag
     assert flag is not None
     name = signal.Signals(received).name
@@ -118,8 +136,9 @@ def install_stop_handlers() -> StopFlag:
 
     Idempotent: a signal caught before the train loop starts is still seen by it. Outside the main
     thread Python cannot install handlers; the flag then never fires (logged)."""
-    global _flag
+    global _flag, _OWNER
     if _flag is None:
+        _OWNER = os.getpid()
         _flag = StopFlag(signals=(REQUEUE_SIGNAL, *STOP_SIGNALS))
         if threading.current_thread() is threading.main_thread():
             for signum in _flag.signals:
