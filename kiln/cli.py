@@ -63,8 +63,9 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     from kiln.launcher.signals import Interrupted, raise_interrupted
 
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, raise_interrupted)  # like Ctrl-C: one line, exit 143
+        previous = signal.signal(signal.SIGTERM, raise_interrupted)  # like Ctrl-C: one line, exit 143
     try:
         code = _run(argv)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    finally:
+        if previous is not None:  # main() called in-process (tests, notebooks) leaves no handler behind
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _run(argv: Sequence[str] | None) -> int:
