@@ -1,9 +1,11 @@
 """`kiln launch`: N workers on this machine, under torch's elastic agent or under mpiexec.
 
 Both run the same worker, `python -m kiln.cli train <run_dir>/config.yaml`, which finds its rank
-through kiln.launcher.bootstrap. The elastic agent (`torch.distributed.launcher`, the engine behind
-torchrun) restarts all workers when one fails, up to `max_restarts` times; workers resume from
-`checkpoints/latest`. Under MPI a failed `mpiexec` is rerun the same way.
+through kiln.launcher.bootstrap. When a worker fails, the elastic agent (`torch.distributed.launcher`,
+the engine behind torchrun) stops the others and kiln starts all of them again under a fresh agent, up
+to `max_restarts` times; workers resume from `checkpoints/latest`. Under MPI a failed `mpiexec` is
+rerun the same way. Exit status 2 (a config or input error) is never retried. Signals: see
+kiln.launcher.signals and docs/launching.md "Signals and failures".
 """
 from __future__ import annotations
 
