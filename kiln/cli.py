@@ -2,13 +2,17 @@
 
 Each package contributes its verbs through a `register(subparsers)` function in its
 `commands` module; verb modules keep heavy imports (torch) inside their handlers so that
-`kiln --help` stays fast. A `KilnError` prints one line and exits 2.
+`kiln --help` stays fast. A `KilnError` prints one line and exits 2; Ctrl-C or SIGTERM print
+"kiln: interrupted" and exit 130 or 143; a closed output pipe (`| head`) ends quietly.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import signal
 import sys
+import threading
 from typing import Sequence
 
 from kiln.errors import KilnError
@@ -57,6 +61,36 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from kiln.launcher.signals import Interrupted, raise_interrupted
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, raise_interrupted)  # like Ctrl-C: one line, exit 143
+    try:
+        code = _run(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except KilnError as exc:
+        print(f"kiln: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("kiln: interrupted", file=sys.stderr)
+        return 130
+    except Interrupted as exc:
+        print("kiln: interrupted", file=sys.stderr)
+        return exc.exit_code
+    except BrokenPipeError:
+        # `kiln plan ... | head`: the reader left. Python's recipe: point stdout at devnull so the
+        # interpreter's final flush cannot fail again, and leave quietly as a SIGPIPE'd program would.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    finally:
+        if previous is not None:  # main() called in-process (tests, notebooks) leaves no handler behind
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the flags: `kiln launch c.yaml --nproc 2 train.steps=9`
@@ -67,14 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    try:
-        return int(args.func(args) or 0)
-    except KilnError as exc:
-        print(f"kiln: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("kiln: interrupted", file=sys.stderr)
-        return 130
+    return int(args.func(args) or 0)
 
 
 if __name__ == "__main__":

@@ -217,7 +217,7 @@ def train(cfg: Config) -> dict:
         if logger:
             logger.close()
     summary = {"step": step, "tokens": tokens, "run_dir": str(run_dir), "stopped_early": stopped_early,
-               "requeue": stop.requested, "seconds": time.time() - start_time}
+               "requeue": stop.requeue, "seconds": time.time() - start_time}
     if rank == 0:
         print(f"done: step {step}, {tokens:,} tokens in {summary['seconds']:.1f}s; run directory: {run_dir}",
               flush=True)

@@ -5,7 +5,9 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
+import time
 
 from kiln.cli import add_config_args, load_from_args
 
@@ -30,18 +32,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_generate)
 
 
+PEER_GRACE_S = 5.0  # how long a worker whose collective failed waits for the launcher's stop signal
+
+
 def _train(args) -> int:
     import torch.distributed as dist
 
     from kiln.errors import KilnError
-    from kiln.launcher.bootstrap import shutdown
+    from kiln.launcher import signals
+    from kiln.launcher.bootstrap import current, shutdown
     from kiln.train import train
 
+    stop = signals.install_stop_handlers()  # before anything slow: a Ctrl-C during startup is kept
+    signals.watch_launcher()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    cfg = load_from_args(args)
     try:
-        summary = train(cfg)
+        summary = train(load_from_args(args))
     except KilnError as exc:
+        _record_error(f"kiln: {exc}")
         if not dist.is_initialized():
             raise
         # A worker of a job: report and leave at once. No collectives (other ranks may be stuck in one);
@@ -49,10 +57,38 @@ def _train(args) -> int:
         print(f"kiln: {exc}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(exc.exit_code)
+    except Exception as exc:
+        # A collective fails on every survivor when one worker dies; the launcher then signals them.
+        # That error is a consequence: one line, not a traceback per rank. A signal-free failure is a
+        # bug of this rank and keeps its traceback.
+        if not (dist.is_initialized() and dist.get_world_size() > 1) or not signals.wait_for_stop(PEER_GRACE_S):
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        name = signal.Signals(stop.signum).name
+        print(f"kiln: rank {dist.get_rank()}: stopped by {name} after {type(exc).__name__}: {first}",
+              file=sys.stderr, flush=True)
+        os._exit(128 + stop.signum if stop.interrupted else 1)
     if args.json:
         print(json.dumps(summary))
-    shutdown(requeue=summary["requeue"] and summary["stopped_early"])
-    return 0
+    code = 128 + stop.signum if stop.interrupted and summary["stopped_early"] else 0
+    info = current()
+    if code and (info is None or info.rank == 0):
+        print(f"kiln: stopped by {signal.Signals(stop.signum).name} at step {summary['step']} with a checkpoint; "
+              f"the same command resumes", file=sys.stderr, flush=True)
+    shutdown(requeue=summary["requeue"] and summary["stopped_early"], exit_code=code)
+    return code
+
+
+def _record_error(message: str) -> None:
+    """Hand the one-line error to the elastic agent (its per-worker error file), so `kiln launch`
+    can name it when it gives up."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        try:
+            with open(path, "w") as f:
+                json.dump({"message": message, "timestamp": int(time.time())}, f)
+        except OSError:
+            pass
 
 
 def _generate(args) -> int:

@@ -114,7 +114,7 @@ WORKER = textwrap.dedent("""
     dist.init_process_group("gloo", init_method="env://")
     total = torch.tensor([float(info.rank)])
     dist.all_reduce(total)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    attempt = int(os.environ.get("KILN_RESTART_COUNT", "0"))
     if sys.argv[2] == "die-once" and attempt == 0 and info.rank == 1:
         os.kill(os.getpid(), 9)  # SIGKILL: no handler, no cleanup
     with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:

@@ -238,8 +238,8 @@ def expand_tasks_per_node(spec: str) -> list[int]:
 def shutdown(rank_info: Optional[RankInfo] = None, *, requeue: bool = False, exit_code: int = 0) -> None:
     """End this worker cleanly and never return.
 
-    All ranks agree on `requeue` (any rank asking is enough); rank 0 then asks Slurm to requeue the
-    job, after the barrier, so every rank has finished its checkpoint first. Then the process group
+    All ranks agree on `requeue` and the exit status (any rank asking is enough); rank 0 then asks
+    Slurm to requeue the job, after the barrier, so every rank has finished its checkpoint first. Then the process group
     is destroyed, output flushed, MPI finalized when MPI started us, and the process leaves with
     `os._exit` (skipping the interpreter teardown that makes gloo abort).
     """
@@ -252,9 +252,10 @@ def shutdown(rank_info: Optional[RankInfo] = None, *, requeue: bool = False, exi
 
             backend = dist.get_backend()
             device = torch.device("cuda", info.local_rank) if backend == "nccl" else torch.device("cpu")
-            flag = torch.tensor([1.0 if requeue else 0.0], device=device)
+            # Every rank leaves with the same status (a signal that stopped one rank stopped all).
+            flag = torch.tensor([1.0 if requeue else 0.0, float(exit_code)], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # doubles as the barrier
-            requeue = bool(flag.item())
+            requeue, exit_code = bool(flag[0].item()), int(flag[1].item())
             if requeue and info.rank == 0:
                 _requeue()
             dist.barrier()
