@@ -23,6 +23,25 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for long context, with Hugging Face's parameter names.
+    llama3: Llama 3.1+ (factor, low/high_freq_factor, original_max_position_embeddings);
+    linear: positions divided by factor; yarn: YaRN (factor, beta_fast/slow, mscale*, attention_factor)."""
+
+    type: str = "llama3"  # llama3 | linear | yarn
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: Optional[int] = 8192
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = None
+    truncate: bool = True
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = 512
@@ -38,6 +57,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention: str = "auto"  # auto | flash | sdpa | math
     init_std: float = 0.02
+    head_dim: Optional[int] = None  # None: d_model / n_heads
+    rope_scaling: Optional[RopeScalingConfig] = None  # None: plain RoPE
+    attention_bias: bool = False  # biases on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
+    attention_window: Optional[int] = None  # sliding window: a query sees this many keys, itself included
 
 
 @dataclass
@@ -298,7 +323,15 @@ def config_hash(cfg: Config) -> str:
     shape, but not into a recipe that only renames the model or changes its attention kernel."""
     m = cfg.model
     shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads, ffn_dim(m), m.tie_embeddings)
+    variant = (head_dim(m), m.attention_bias, m.qkv_bias, m.mlp_bias)
+    if variant != (m.d_model // m.n_heads, False, False, False):  # older hashes stay valid
+        shape += variant
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Per-head width: explicit (Mistral Nemo, Gemma) or d_model / n_heads."""
+    return m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
 
 
 def ffn_dim(m: ModelConfig) -> int:
@@ -323,8 +356,13 @@ def validate(cfg: Config) -> None:
     m = cfg.model
     for key in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len"):
         _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
-    _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim (d_model / n_heads) must be even for RoPE")
+    if m.head_dim is None:
+        _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+        _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim (d_model / n_heads) must be even for RoPE")
+    else:
+        _check(m.head_dim > 0 and m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be positive and even for RoPE")
+    _check(m.attention_window is None or m.attention_window >= 1, "model.attention_window", "must be >= 1 (or null)")
+    _validate_rope_scaling(m)
     kv = m.n_kv_heads or m.n_heads
     _check(kv > 0 and m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
     p = cfg.parallel
@@ -360,6 +398,23 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+ROPE_SCALING_TYPES = ("llama3", "linear", "yarn")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    r = m.rope_scaling
+    if r is None:
+        return
+    _check(r.type in ROPE_SCALING_TYPES, "model.rope_scaling.type", f"{r.type!r} is not one of {', '.join(ROPE_SCALING_TYPES)}")
+    _check(r.factor > 0, "model.rope_scaling.factor", "must be positive")
+    if r.type in ("llama3", "yarn"):
+        _check(r.original_max_position_embeddings is not None and r.original_max_position_embeddings > 0,
+               "model.rope_scaling.original_max_position_embeddings", f"must be positive for {r.type}")
+    if r.type == "llama3":
+        _check(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
+               "must exceed model.rope_scaling.low_freq_factor")
 
 
 def pipeline_microbatches(cfg: Config) -> int:
