@@ -27,6 +27,7 @@ from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")
 SEQ = 12
+LONG, LONG_POSITIONS = 131072, [0, 1, 1000, 8191, 8192, 50000, 131071]
 
 
 def _free_port() -> int:
@@ -35,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False) -> tuple[Transformer, Config]:
+def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False, **extra) -> tuple[Transformer, Config]:
     m = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                    max_seq_len=64, tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-6, attention="math",
-                    init_std=0.1)
+                    max_seq_len=64, tie_embeddings=tie, norm_eps=1e-6, attention="math",
+                    init_std=0.1, **{"rope_theta": 5000.0, **extra})
     cfg = Config(model=m)
     cfg.data.seq_len = 32
     torch.manual_seed(0)
@@ -72,8 +73,9 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
         LanguageModule._is_in_embd_group = lambda self: False
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        meta = json.loads((Path(ckpt) / "megatron_config.json").read_text())
         config = TransformerConfig(
-            num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
+            kv_channels=meta["kv_channels"], num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
             num_query_groups=m.n_kv_heads or m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
             layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
             bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
@@ -81,12 +83,16 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
         model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=padded_vocab,
                          max_sequence_length=m.max_seq_len, position_embedding_type="rope", rotary_base=int(m.rope_theta),
+                         rope_scaling=meta["rope_scaling"], rope_scaling_factor=meta["rope_scaling_factor"],
+                         seq_len_interpolation_factor=meta["seq_len_interpolation_factor"],
                          share_embeddings_and_output_weights=m.tie_embeddings,
                          pre_process=pp_rank == 0, post_process=pp_rank == pp - 1).eval()
         path = Path(ckpt) / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
         state = torch.load(path, weights_only=True)["model"]
         model.load_state_dict(state, strict=True)
         result["loaded"] = str(path.relative_to(ckpt))
+        if pp_rank == 0:  # Megatron's RoPE angles at long range (positions only, no forward)
+            result["angles"] = model.rotary_pos_emb.get_freqs_non_repeated(LONG)[LONG_POSITIONS].tolist()
         result["equal"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if v is not None)
         if pp == 1:
             class _NoFork:
@@ -209,3 +215,45 @@ def test_megatron_errors_name_the_tensor(tmp_path):
     torch.save(blob, path)
     with pytest.raises(KilnError, match="weights_only"):
         convert(tmp_path / "mcore", "kiln", tmp_path / "back3")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["llama3_head_dim_tp2", "linear_tp1"])
+def test_megatron_rope_scaling_and_head_dim(tmp_path, case):
+    """llama3 RoPE scaling (Megatron-Core's rope_scaling), linear (its seq_len_interpolation_factor)
+    and head_dim != hidden/heads (kv_channels): megatron-core's logits and its RoPE angles up to
+    position 131071 against kiln's table; Megatron -> kiln keeps every setting."""
+    from kiln.config import RopeScalingConfig
+    from kiln.model.llama import rope_cache
+
+    tp = 2 if case.endswith("tp2") else 1
+    scaling = RopeScalingConfig(type="llama3", factor=8.0) if case.startswith("llama3") else \
+        RopeScalingConfig(type="linear", factor=4.0)
+    extra = dict(head_dim=24, rope_theta=500000.0) if case.startswith("llama3") else {}
+    model, cfg = make_model(rope_scaling=scaling, **extra)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore", tp=tp)
+    tokens = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    results = run_megatron(tmp_path, tmp_path / "mcore", cfg, tp, 1, tokens)
+    assert check_logits(model, tokens, results, case) <= 1e-5
+    angles = torch.tensor(results[0]["angles"])
+    table = rope_cache(angles.shape[-1] * 2, LONG, cfg.model.rope_theta, scaling)[LONG_POSITIONS]
+    assert (table[..., 0] - angles.cos()).abs().max() <= 1e-5 and (table[..., 1] - angles.sin()).abs().max() <= 1e-5
+    convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    back = KilnCheckpointReader(tmp_path / "back").cfg.model
+    assert back.rope_scaling == scaling and back.head_dim == cfg.model.head_dim
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.parametrize("extra,culprit", [(dict(qkv_bias=True), "model.qkv_bias"),
+                                           (dict(attention_window=8), "model.attention_window"),
+                                           (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "yarn")])
+def test_megatron_refuses_what_it_cannot_hold(tmp_path, extra, culprit):
+    from kiln.config import RopeScalingConfig
+
+    if "rope_scaling" in extra:
+        extra = dict(rope_scaling=RopeScalingConfig(**extra["rope_scaling"]))
+    model, cfg = make_model(**extra)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    with pytest.raises(KilnError, match=culprit):
+        convert(tmp_path / "run", "megatron", tmp_path / "mcore")

@@ -29,7 +29,7 @@ import torch
 
 from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
                                     interleaved_to_half, kiln_shapes, n_kv_heads)
-from kiln.config import Config, ConfigError, ModelConfig
+from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.errors import KilnError
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -54,9 +54,34 @@ def padded_vocab(vocab: int, tp: int, multiple: int) -> int:
     return math.ceil(vocab / step) * step
 
 
+# Megatron-Core's llama3 RoPE scaling takes only the factor; the rest is fixed at Llama 3.1's values.
+_MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def megatron_rope(m: ModelConfig) -> dict[str, Any]:
+    """GPTModel's RoPE-scaling arguments for kiln's rope_scaling, or a one-line refusal."""
+    r = m.rope_scaling
+    if r is None:
+        return {"rope_scaling": False, "rope_scaling_factor": 8.0, "seq_len_interpolation_factor": None}
+    if r.type == "linear":  # Megatron divides positions by the factor: the same angles
+        return {"rope_scaling": False, "rope_scaling_factor": 8.0, "seq_len_interpolation_factor": r.factor}
+    if r.type == "llama3" and all(getattr(r, k) == v for k, v in _MCORE_LLAMA3.items()):
+        return {"rope_scaling": True, "rope_scaling_factor": r.factor, "seq_len_interpolation_factor": None}
+    raise KilnError(f"model.rope_scaling: {r.type} RoPE scaling with these parameters has no Megatron-Core GPTModel "
+                    f"equivalent (it supports llama3 with {_MCORE_LLAMA3} and linear)")
+
+
+def _refuse_unsupported(m: ModelConfig) -> None:
+    for key in ("attention_bias", "qkv_bias", "mlp_bias"):
+        if getattr(m, key):
+            raise KilnError(f"model.{key}: biases are not supported by kiln's Megatron converter")
+    if m.attention_window is not None:
+        raise KilnError("model.attention_window: sliding-window attention is not supported by kiln's Megatron converter")
+
+
 def megatron_meta(m: ModelConfig, tp: int, pp: int, vocab_multiple: int) -> dict[str, Any]:
     """Everything needed to build the matching TransformerConfig and GPTModel (plain data)."""
-    return {
+    return {**megatron_rope(m),
         "num_layers": m.n_layers, "hidden_size": m.d_model, "num_attention_heads": m.n_heads,
         "num_query_groups": n_kv_heads(m), "kv_channels": head_dim(m),
         "ffn_hidden_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
@@ -90,6 +115,7 @@ def write_megatron(source: Source, out: Path, tp: int = 1, pp: int = 1, dtype: O
     """Write a TP x PP Megatron-Core checkpoint; one pipeline stage is in memory at a time."""
     m = source.cfg.model
     kv = n_kv_heads(m)
+    _refuse_unsupported(m)
     if tp < 1 or pp < 1:
         raise KilnError("--tp and --pp must be >= 1")
     if m.n_heads % tp or kv % tp:
@@ -202,34 +228,54 @@ def _meta_from_args(args: Any, path: Path) -> dict[str, Any]:
         if a.get(key) is None:
             raise KilnError(f"{path}: args.{key} missing; cannot tell the model shape")
     heads = a["num_attention_heads"]
-    checks = {"swiglu": True, "add_bias_linear": False, "normalization": "RMSNorm", "position_embedding_type": "rope"}
+    checks = {"swiglu": True, "add_bias_linear": False, "add_qkv_bias": False, "normalization": "RMSNorm",
+              "position_embedding_type": "rope", "rotary_percent": 1.0, "apply_query_key_layer_scaling": False,
+              "qk_layernorm": False, "num_experts": None, "multi_latent_attention": False, "window_size": None}
     for key, ok in checks.items():
         if key in a and a[key] != ok:
             raise KilnError(f"{path}: args.{key}={a[key]!r} is not supported by kiln (needs {ok!r})")
+    interp = a.get("rotary_seq_len_interpolation_factor")
     return {
+        "rope_scaling": bool(a.get("use_rope_scaling", False)), "rope_scaling_factor": a.get("rope_scaling_factor", 8.0),
+        "seq_len_interpolation_factor": interp,
         "num_layers": a["num_layers"], "hidden_size": a["hidden_size"], "num_attention_heads": heads,
         "num_query_groups": a.get("num_query_groups") if a.get("group_query_attention") else heads,
         "kv_channels": a.get("kv_channels") or a["hidden_size"] // heads,
         "ffn_hidden_size": a.get("ffn_hidden_size"), "layernorm_epsilon": a.get("norm_epsilon", 1e-5),
         "rotary_base": a.get("rotary_base", 10000), "rotary_interleaved": a.get("rotary_interleaved", False),
-        "vocab_size": a.get("padded_vocab_size"), "padded_vocab_size": a.get("padded_vocab_size"),
+        # the tokenizer's real vocab when Megatron-LM recorded it; padding rows beyond it are dropped
+        "vocab_size": a.get("vocab_size") or a.get("padded_vocab_size"), "padded_vocab_size": a.get("padded_vocab_size"),
         "max_sequence_length": a.get("max_position_embeddings") or a.get("seq_length") or 2048,
         "share_embeddings_and_output_weights": not a.get("untie_embeddings_and_output_weights", False),
         "init_method_std": a.get("init_method_std", 0.02),
     }
 
 
+def _rope_from_meta(meta: dict[str, Any]) -> Optional[RopeScalingConfig]:
+    if meta.get("rope_scaling"):
+        return RopeScalingConfig(type="llama3", factor=float(meta.get("rope_scaling_factor") or 8.0), **_MCORE_LLAMA3)
+    if meta.get("seq_len_interpolation_factor"):
+        return RopeScalingConfig(type="linear", factor=float(meta["seq_len_interpolation_factor"]))
+    return None
+
+
 def _config_from_meta(meta: dict[str, Any], origin: str) -> Config:
-    if meta.get("kv_channels") not in (None, meta["hidden_size"] // meta["num_attention_heads"]):
-        raise ConfigError(f"{origin}:kv_channels", "must equal hidden_size / num_attention_heads for kiln")
+    for key, ok in (("rotary_percent", 1.0), ("normalization", "RMSNorm"), ("gated_linear_unit", True),
+                    ("add_bias_linear", False), ("position_embedding_type", "rope")):
+        if meta.get(key, ok) != ok:
+            raise ConfigError(f"{origin}:{key}", f"{meta[key]!r} is not supported by kiln (needs {ok!r})")
     heads, groups = meta["num_attention_heads"], meta.get("num_query_groups") or meta["num_attention_heads"]
+    kv_channels = meta.get("kv_channels")
+    default_hd = meta["hidden_size"] // heads if meta["hidden_size"] % heads == 0 else None
     model = ModelConfig(
         name=Path(origin).name, vocab_size=meta["vocab_size"], d_model=meta["hidden_size"],
         n_layers=meta["num_layers"], n_heads=heads, n_kv_heads=None if groups == heads else groups,
         ffn_dim=meta["ffn_hidden_size"], norm_eps=float(meta["layernorm_epsilon"]),
         rope_theta=float(meta["rotary_base"]), max_seq_len=int(meta["max_sequence_length"]),
         tie_embeddings=bool(meta["share_embeddings_and_output_weights"]),
-        init_std=float(meta.get("init_method_std", 0.02)))
+        init_std=float(meta.get("init_method_std", 0.02)),
+        head_dim=None if kv_channels in (None, default_hd) else int(kv_channels),
+        rope_scaling=_rope_from_meta(meta))
     cfg = Config(model=model)
     cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
     validate_model(cfg)
