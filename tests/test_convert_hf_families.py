@@ -178,3 +178,44 @@ def test_transformers4_rope_scaling_key_is_read(tmp_path):
     convert(tmp_path / "hf", "kiln", tmp_path / "kiln")
     r = KilnCheckpointReader(tmp_path / "kiln").cfg.model
     assert r.rope_theta == 500000.0 and r.rope_scaling.type == "llama3" and r.rope_scaling.factor == 8.0
+
+
+def test_special_tokens_and_generation_config_survive_import_export_and_eos_stops_greedy(tmp_path):
+    """bos/eos/pad and generation_config.json travel HF -> kiln -> HF; transformers' greedy decoding of
+    the exported model stops at the carried EOS. The EOS id is a token the model really produces
+    (the 6th greedy token), so stopping there proves the id arrived, not a degenerate model."""
+    hf = make_hf("llama3.1", tmp_path / "hf")
+    prompt = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        free = hf.generate(prompt, max_new_tokens=24, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 4:]
+    first = {}
+    for i, t in enumerate(free.tolist()):
+        first.setdefault(t, i)
+    eos, stop = next((t, i) for t, i in sorted(first.items(), key=lambda kv: kv[1]) if i >= 3)
+    config = json.loads((tmp_path / "hf/config.json").read_text())
+    (tmp_path / "hf/config.json").write_text(json.dumps(dict(config, bos_token_id=1, eos_token_id=eos, pad_token_id=2)))
+    gen = {"bos_token_id": 1, "eos_token_id": eos, "pad_token_id": 2, "do_sample": False, "max_new_tokens": 24}
+    (tmp_path / "hf/generation_config.json").write_text(json.dumps(gen))
+
+    convert(tmp_path / "hf", "kiln", tmp_path / "kiln")
+    convert(tmp_path / "kiln", "hf", tmp_path / "out", dtype="bf16")
+    out = json.loads((tmp_path / "out/config.json").read_text())
+    assert (out["bos_token_id"], out["eos_token_id"], out["pad_token_id"]) == (1, eos, 2)
+    assert out["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "out/generation_config.json").read_text()) == gen
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert all(p.dtype == torch.bfloat16 for p in transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "out")).parameters())
+    with torch.no_grad():
+        tokens = back.generate(prompt)[0, 4:].tolist()
+    assert tokens[-1] == eos and len(tokens) == stop + 1, (tokens, eos, stop)
+
+    # a run fine-tuned from the import (checkpoint.init_from) exports the same tokens
+    from kiln.checkpoint.kiln_format import write_kiln_checkpoint
+
+    reader = KilnCheckpointReader(tmp_path / "kiln")
+    cfg = reader.cfg
+    cfg.checkpoint.init_from = str(tmp_path / "kiln")
+    write_kiln_checkpoint({n: reader.get(n) for n in reader.names()}, cfg, tmp_path / "tuned", step=5)
+    convert(tmp_path / "tuned", "hf", tmp_path / "out2")
+    assert json.loads((tmp_path / "out2/config.json").read_text())["eos_token_id"] == eos

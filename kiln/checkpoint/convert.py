@@ -62,7 +62,12 @@ def write_kiln(source: Source, out: Path, dtype: Optional[str] = None) -> Path:
             state[name] = state["tok_embeddings.weight"]
         else:
             state[name] = cast(t, dtype).clone()
-    return write_kiln_checkpoint(state, source.cfg, out)
+    step_dir = write_kiln_checkpoint(state, source.cfg, out)
+    from kiln.checkpoint import hf
+
+    if isinstance(source, hf.HFSource):
+        hf.save_extras(source, out)
+    return step_dir
 
 
 def _count_reads(source: Source):

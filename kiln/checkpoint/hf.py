@@ -332,9 +332,55 @@ def _special_tokens(tokenizer_json: Path, special: dict[str, Optional[int]]) -> 
     return {f"{k}_token": v for k, v in names.items() if v is not None}
 
 
+EXTRAS = "hf_extras"  # in an imported kiln run dir: what the model needs besides weights
+SPECIAL = "special_tokens.json"
+_CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "chat_template.jinja")
+
+
+def save_extras(source: "HFSource", run_dir: Path) -> Path:
+    """Keep an imported checkpoint's special-token ids, generation config and tokenizer beside the
+    kiln run, so that exporting it (or a run started from it) gives them back."""
+    out = Path(run_dir) / EXTRAS
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _CARRIED:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out / name)
+    (out / SPECIAL).write_text(json.dumps(source.special, indent=2) + "\n")
+    return out
+
+
+def extras_dir(source: Source) -> Optional[Path]:
+    """The imported extras for `source`: the HF directory itself, the kiln run's `hf_extras/`, or
+    that of the run named by `checkpoint.init_from` (a run fine-tuned from an import)."""
+    if isinstance(source, HFSource):
+        return source.path
+    candidates = []
+    step_dir = getattr(source, "step_dir", None)
+    if step_dir is not None:
+        candidates.append(Path(step_dir).parent.parent / EXTRAS)
+    init = source.cfg.checkpoint.init_from
+    if init:
+        candidates += [Path(init) / EXTRAS, Path(init).parent.parent / EXTRAS]
+    return next((c for c in candidates if (c / SPECIAL).is_file()), None)
+
+
+def _read_special(extras: Path, source: Source) -> dict[str, Any]:
+    if isinstance(source, HFSource):
+        return source.special
+    try:
+        found = json.loads((extras / SPECIAL).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KilnError(f"{extras / SPECIAL}: cannot read ({exc})") from None
+    return {k: found.get(k) for k in ("bos", "eos", "pad")}
+
+
 def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
-    """Write `source` as a Hugging Face Llama directory; returns the files written."""
+    """Write `source` as a Hugging Face Llama, Mistral or Qwen2 directory; returns the files written.
+    Special tokens, generation config and tokenizer come from the import the weights started from,
+    else from the training data's tokenizer; torch_dtype says how the weights are stored."""
     cfg, m = source.cfg, source.cfg.model
+    family = hf_family(m)  # refuse before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, parse_size(max_shard_size))
     out_dtype = None
@@ -345,12 +391,22 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
         out_dtype = out_dtype or t.dtype
         writer.add(hf_name(name), to_hf_tensor(name, t, m))
     files = writer.close()
-    data_dir = _tokenizer_dir(cfg)
-    special = _special_ids(data_dir)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(m, out_dtype, special), indent=2) + "\n")
-    gen = {"_from_model_config": True, **{f"{k}_token_id": v for k, v in special.items()}}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    files += ["config.json", "generation_config.json"]
+    extras = extras_dir(source)
+    data_dir = None if extras is not None else _tokenizer_dir(cfg)
+    special = _read_special(extras, source) if extras is not None else _special_ids(data_dir)
+    config = hf_config(m, out_dtype, special)
+    assert config["model_type"] == family
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files.append("config.json")
+    if extras is not None:
+        for name in _CARRIED:
+            if (extras / name).is_file() and not (out_dir / name).exists():
+                shutil.copyfile(extras / name, out_dir / name)
+                files.append(name)
+    if not (out_dir / "generation_config.json").exists():
+        gen = {"_from_model_config": True, **{f"{k}_token_id": v for k, v in special.items() if v is not None}}
+        (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        files.append("generation_config.json")
     if data_dir is not None:
         shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.max_seq_len,
@@ -377,6 +433,13 @@ class HFSource:
         except (OSError, json.JSONDecodeError) as exc:
             raise KilnError(f"{self.path / 'config.json'}: cannot read ({exc})") from None
         self.cfg = kiln_config_from_hf(hf, str(self.path / "config.json"), name=self.path.name)
+        gen = {}
+        if (self.path / "generation_config.json").is_file():
+            try:
+                gen = json.loads((self.path / "generation_config.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise KilnError(f"{self.path / 'generation_config.json'}: cannot read ({exc})") from None
+        self.special = {k: hf.get(f"{k}_token_id", gen.get(f"{k}_token_id")) for k in ("bos", "eos", "pad")}
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         else:
@@ -389,7 +452,7 @@ class HFSource:
         extra = sorted(k for k in weight_map if k not in known and not k.endswith("rotary_emb.inv_freq"))
         if extra:
             raise KilnError(f"{self.path}: tensor {extra[0]} has no kiln counterpart "
-                            f"({len(extra)} unexpected tensors; is this a plain Llama checkpoint?)")
+                            f"({len(extra)} unexpected tensors; is this a plain Llama, Mistral or Qwen2 checkpoint?)")
 
     def get(self, name: str) -> torch.Tensor:
         key = hf_name(name)
