@@ -219,3 +219,43 @@ def test_special_tokens_and_generation_config_survive_import_export_and_eos_stop
     write_kiln_checkpoint({n: reader.get(n) for n in reader.names()}, cfg, tmp_path / "tuned", step=5)
     convert(tmp_path / "tuned", "hf", tmp_path / "out2")
     assert json.loads((tmp_path / "out2/config.json").read_text())["eos_token_id"] == eos
+
+
+# One launch per family (each costs ~30 s of process start-up on 2 shared cores); every option under
+# both TP=2 and FSDP=2 is checked against the single process in test_parallel_families.py.
+TRAIN = {"llama_bias_head_dim": ["parallel.tp=2", "parallel.dp_shard=1"],
+         "mistral": ["parallel.tp=2", "parallel.dp_shard=1"],
+         "qwen2": ["parallel.dp_shard=2"]}  # tied embeddings: FSDP (kiln's TP needs them untied)
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("case", sorted(TRAIN))
+def test_import_train_parallel_export_matches_transformers(tmp_path, case):
+    """The whole path: HF import, `kiln launch` of 2 gloo workers under TP=2 or FSDP=2 starting from the
+    import, export of the trained run; transformers' logits of the export equal kiln's of the run."""
+    import os
+    import sys
+
+    from conftest import run_group
+
+    hf = make_hf(case, tmp_path / "hf")
+    convert(tmp_path / "hf", "kiln", tmp_path / "imported")
+    overrides = ["data.synthetic=markov", "data.seq_len=32", "train.micro_batch=2", "train.steps=3",
+                 "train.eval_every=0", "optim.warmup_steps=0", "logging.tensorboard=false", "logging.progress=false",
+                 f"checkpoint.init_from={tmp_path / 'imported'}", f"train.run_dir={tmp_path}", "train.name=tuned",
+                 *TRAIN[case]]
+    proc = run_group([sys.executable, "-m", "kiln.cli", "launch", "--nproc", "2",
+                      str(tmp_path / "imported" / "config.yaml"), *overrides],
+                     timeout=500, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    convert(tmp_path / "tuned", "hf", tmp_path / "out")
+    trained = kiln_model(tmp_path / "tuned")
+    moved = max_diff(trained.layers["0"].attention.wq.weight, kiln_model(tmp_path / "imported").layers["0"].attention.wq.weight)
+    assert moved > 1e-4, "training changed the imported weights"
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), dtype=torch.float32).eval()
+    assert type(back) is type(hf)
+    tokens = torch.randint(0, 512, (1, 64), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        diff = max_diff(trained(tokens), back(tokens).logits)
+    print(f"{case} after {' '.join(TRAIN[case])}: max abs logit diff kiln vs transformers {diff:.3g}")
+    assert diff <= 1e-5

@@ -175,3 +175,15 @@ def test_windowed_model_changes_only_beyond_the_window():
     tokens = torch.randint(0, 50, (1, 16))
     a, b = windowed(tokens), full(tokens)
     assert torch.allclose(a[:, :6], b[:, :6], atol=1e-6) and not torch.allclose(a[:, 6:], b[:, 6:], atol=1e-3)
+
+
+def test_tie_survives_meta_materialization():
+    """Training builds on the meta device and calls to_empty(), which gives each module a fresh
+    Parameter; init_weights must tie them again or output and embedding drift apart in training."""
+    m = ModelConfig(vocab_size=100, d_model=32, n_layers=2, n_heads=4, tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(m)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.output.weight is model.tok_embeddings.weight
+    assert count_params(m) == sum(p.numel() for p in model.parameters())

@@ -153,10 +153,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
+        self.tie_weights()
         self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output. Called again by `init_weights` because
+        `to_empty()` (meta -> device) gives each module a new Parameter and so unties them."""
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -164,6 +169,7 @@ class Transformer(nn.Module):
         (GPT-2) so the residual stream's variance does not grow with depth. Biases start at zero."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self.tie_weights()
         self.rope.copy_(model_rope_cache(self.cfg).to(self.rope.device))
         for name, module in self.named_modules():
             if isinstance(module, RMSNorm):
