@@ -16,7 +16,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
-from kiln.checkpoint.manager import CheckpointManager
+from kiln.checkpoint.manager import CheckpointManager, read_meta
+from kiln.checkpoint.resume import check_resume
 from kiln.config import Config, config_hash, grad_accum_steps, run_dir_of, save_run_config, to_yaml
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu
@@ -76,6 +77,15 @@ def _prepare_data(cfg: Config, rank: int) -> None:
             next_log += 60.0
 
 
+def _keep_tokenizer(cfg: Config, run_dir: Path, resuming: bool) -> None:
+    """The run directory keeps the tokenizer it trains with (generate and convert read it there)."""
+    path = cfg.data.path or (cfg.data.mixture[0].path if cfg.data.mixture else None)
+    if path and not cfg.data.synthetic:
+        from kiln.data.tokenizer import keep_in_run
+
+        keep_in_run(path, run_dir, resuming)
+
+
 def _any_rank(flag: bool) -> bool:
     """True on every rank if any rank says so (stop requests must be collective decisions)."""
     if not dist.is_initialized():
@@ -96,17 +106,23 @@ def train(cfg: Config) -> dict:
     rank = info.rank
     check_layout(cfg, info.world_size)  # config errors before any process group exists
     run_dir = run_dir_of(cfg)
+    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     if rank == 0:
         save_run_config(cfg)
+        ckpt.clean_stale()  # what a killed or failed save left behind
     _prepare_data(cfg, rank)
+    if rank == 0:
+        _keep_tokenizer(cfg, run_dir, resuming=cfg.checkpoint.resume and ckpt.has_checkpoints())
     _init_distributed(info.world_size, pick_device(cfg.train.device).type)
 
     with torch.device("meta"):  # setup_parallel allocates and initializes it (full or sharded)
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, info.world_size, rank)
     del model  # pipeline stages may share its (now sharded) parameters; keep no full-size copy alive
-    ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_from is None and ckpt.has_checkpoints():
+        raise KilnError(f"{ckpt.dir}: no checkpoint there is whole ({'; '.join(ckpt.rejected)}); move them away "
+                        f"to start over, or set checkpoint.resume=false")
     if resume_from is None and cfg.checkpoint.init_from:
         # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
         from kiln.checkpoint.kiln_format import resolve_step_dir
@@ -117,6 +133,8 @@ def train(cfg: Config) -> dict:
     engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
+    if resume_from is not None:
+        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
 
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
     val_loader = None

@@ -60,18 +60,17 @@ def _generate(args) -> int:
     from kiln.checkpoint.kiln_format import resolve_step_dir
     from kiln.generate import load_model, sample
 
-    model, cfg = load_model(resolve_step_dir(args.checkpoint))
+    step_dir = resolve_step_dir(args.checkpoint)
+    model, cfg = load_model(step_dir)
     tok = None
     if args.prompt_ids:
         prompt = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
     else:
         if args.prompt is None:
             raise KilnError("give --prompt TEXT or --prompt-ids 1,2,3")
-        if not cfg.data.path:
-            raise KilnError("this run has no tokenizer (synthetic data): use --prompt-ids")
-        from kiln.data.tokenizer import load_tokenizer
+        from kiln.data.tokenizer import run_tokenizer
 
-        tok = load_tokenizer(cfg.data.path)
+        tok = run_tokenizer(step_dir.parent.parent, cfg.data.path)
         prompt = tok.encode(args.prompt)
     out = sample(model, prompt, args.max_new_tokens, args.temperature, args.top_k,
                  eos_id=tok.eos_id if tok else None, seed=args.seed)

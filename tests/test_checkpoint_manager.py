@@ -30,10 +30,11 @@ def test_save_killed_mid_write_leaves_latest_on_previous(tmp_path, monkeypatch):
     assert (ckpts / "latest").read_text().strip() == "step_00000004"
     real_save = manager.dcp.save
 
-    def dying_save(state, checkpoint_id, **kw):
-        real_save(state, checkpoint_id=checkpoint_id, **kw)
+    def dying_save(state, storage_writer, **kw):
+        real_save(state, storage_writer=storage_writer, **kw)
         # half the shard file survives, like a node lost mid-write; the process dies before meta.json
-        data = next(p for p in sorted(__import__("pathlib").Path(checkpoint_id).iterdir()) if p.suffix == ".distcp")
+        directory = __import__("pathlib").Path(storage_writer.path)
+        data = next(p for p in sorted(directory.iterdir()) if p.suffix == ".distcp")
         data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
         raise KeyboardInterrupt("killed")
 

@@ -33,8 +33,8 @@ def _tag_dir(path: Path) -> Optional[tuple[Path, str]]:
     for base in (path, path / "checkpoints"):
         latest = base / "latest"
         if latest.is_file():
-            tag = latest.read_text().strip()
-            if _has_states(base / tag):
+            tag = latest.read_text(errors="replace").strip()
+            if Path(tag).name == tag and tag not in (".", "..") and _has_states(base / tag):
                 return base, tag
     return None
 

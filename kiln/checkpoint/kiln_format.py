@@ -5,60 +5,27 @@ torch.distributed.checkpoint (DCP) directory whose app state keeps the model's s
 the top-level key "model". Converters read it one layer at a time (never the whole optimizer
 state, never two copies of the model) and write it through `write_kiln_checkpoint`.
 
-DCP's `.metadata` file is a pickle; we read it with an unpickler that only admits the classes
-DCP itself writes, so a planted checkpoint cannot run code.
+Nothing pickled in the checkpoint is run: see kiln.checkpoint.safe_load.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 import json
-import pickle
 import warnings
 from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.filesystem import FileSystemReader
-from torch.distributed.checkpoint.metadata import Metadata, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from kiln.checkpoint.integrity import collect_sums
 from kiln.checkpoint.manager import META, check_checkpoint, find_resumable, step_dir_name
+from kiln.checkpoint.safe_load import dcp_load, read_dcp_metadata
 from kiln.config import Config, config_hash, from_yaml_text, to_yaml
 from kiln.errors import KilnError
 
 MODEL_KEY = "model"
-_TORCH_SAFE = {"Size", "strided", "contiguous_format", "channels_last", "preserve_format"}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admit only what DCP writes into `.metadata` (its dataclasses, dtypes, Size, paths)."""
-
-    def find_class(self, module: str, name: str):
-        allowed = (
-            module.startswith("torch.distributed.checkpoint.")
-            or (module == "torch" and (name in _TORCH_SAFE or isinstance(getattr(torch, name, None), torch.dtype)))
-            or (module == "torch.serialization" and name == "_get_layout")
-            or (module == "pathlib" and name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"))
-            or (module == "collections" and name == "OrderedDict")
-        )
-        if not allowed:
-            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} from checkpoint metadata")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    """A FileSystemReader whose metadata is read with `_MetadataUnpickler`."""
-
-    def read_metadata(self, *args, **kwargs) -> Metadata:
-        path = Path(self.path) / ".metadata"
-        try:
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (pickle.UnpicklingError, EOFError, AttributeError) as exc:
-            raise KilnError(f"{path}: not a valid checkpoint metadata file ({exc})") from None
-        if getattr(metadata, "storage_meta", None) is not None:
-            metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 @contextlib.contextmanager
@@ -84,9 +51,11 @@ def resolve_step_dir(path: Path) -> Path:
             check_checkpoint(path)
         return path
     ckpts = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = find_resumable(ckpts)
+    rejected: list[str] = []
+    found = find_resumable(ckpts, rejected=rejected)
     if found is None:
-        raise KilnError(f"{path}: no complete kiln checkpoint found (expected checkpoints/latest or step_XXXXXXXX/)")
+        why = f": {'; '.join(rejected)}" if rejected else " (expected checkpoints/latest or step_XXXXXXXX/)"
+        raise KilnError(f"{path}: no complete kiln checkpoint found{why}")
     return found
 
 
@@ -104,7 +73,7 @@ class KilnCheckpointReader:
     def __init__(self, path: Path):
         self.step_dir = resolve_step_dir(Path(path))
         self.cfg = find_config(self.step_dir)
-        metadata = SafeFileSystemReader(str(self.step_dir)).read_metadata()
+        metadata = read_dcp_metadata(self.step_dir)
         prefix = MODEL_KEY + "."
         self.meta: dict[str, TensorStorageMetadata] = {
             fqn[len(prefix):]: md for fqn, md in metadata.state_dict_metadata.items()
@@ -140,7 +109,7 @@ class KilnCheckpointReader:
                       for n, md in self.meta.items() if self._group(n) == group}
             state = {MODEL_KEY: wanted}
             with _single_process():
-                dcp.load(state, storage_reader=SafeFileSystemReader(str(self.step_dir)), no_dist=True)
+                dcp_load(state, self.step_dir)
             self._cache, self._cached_group = state[MODEL_KEY], group
         return self._cache[name]
 
@@ -159,14 +128,17 @@ def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, s
         raise KilnError(f"{step_dir} already exists; choose an empty --out directory")
     step_dir.mkdir(parents=True, exist_ok=True)
     state = {MODEL_KEY: {k: v.detach().contiguous() for k, v in model_state.items()}}
+    if cfg.model.tie_embeddings:  # one copy on disk; readers map output.weight to it
+        state[MODEL_KEY].pop("output.weight", None)
     with _single_process():
         dcp.save(state, checkpoint_id=str(step_dir), no_dist=True)
     text = to_yaml(cfg)
     (step_dir / "config.yaml").write_text(text)
     (out / "config.yaml").write_text(text)
+    sums = collect_sums(step_dir)
     files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir()) if p.is_file()}
     meta = {"step": step, "tokens": 0, "config_hash": config_hash(cfg), "source": "kiln convert",
-            "model_only": True, "files": files}
+            "model_only": True, "files": files, "sha256": sums}
     (step_dir / META).write_text(json.dumps(meta, indent=1))
     tmp = ckpts / "latest.tmp"
     tmp.write_text(step_dir.name)

@@ -10,9 +10,11 @@ Loading goes through DCP's resharding, so any parallel layout of the same model 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import warnings
@@ -22,10 +24,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
     set_optimizer_state_dict)
 
+from kiln.checkpoint.integrity import ChecksummedWriter, collect_sums, sha256_file
+from kiln.checkpoint.safe_load import dcp_load
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.checkpoint")
@@ -70,6 +75,31 @@ def optim_state(model_parts: list, optimizers: list) -> dict:
     for part, opt in zip(model_parts, optimizers):
         state.update(get_optimizer_state_dict(part, opt, options=opts))
     return state
+
+
+def drop_tied_duplicates(state: dict) -> dict[str, str]:
+    """Remove entries that share storage with an earlier one (tied embeddings: `output.weight` is
+    `tok_embeddings.weight`), so a checkpoint stores each tensor once. Returns {dropped: kept}."""
+    first: dict[tuple, str] = {}
+    aliases = {}
+    for name, tensor in list(state.items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.device.type == "meta" or local.numel() == 0:
+            continue
+        key = (local.data_ptr(), tuple(local.shape), local.stride(), local.dtype)
+        if key in first:
+            aliases[name] = first[key]
+            del state[name]
+        else:
+            first[key] = name
+    return aliases
+
+
+def restore_tied_duplicates(state: dict, aliases: dict[str, str]) -> None:
+    for name, kept in aliases.items():
+        state[name] = state[kept]
 
 
 def load_model_state(model_parts: list, state: dict) -> None:
@@ -120,14 +150,32 @@ class CheckpointManager:
             _barrier()
             return
         state = {"model": model_state(model_parts), "optim": optim_state(model_parts, optimizers)}
-        if self.async_save:
-            future = dcp.async_save(state, checkpoint_id=str(tmp))
-            self._pending = (future, tmp, final, meta, config_yaml)
-        else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
-            _barrier()
-            self._finalize(tmp, final, meta, config_yaml)
-            _barrier()
+        drop_tied_duplicates(state["model"])
+        with self._disk_errors(tmp):
+            if self.async_save:
+                future = dcp.async_save(state, storage_writer=ChecksummedWriter(str(tmp)))
+                self._pending = (future, tmp, final, meta, config_yaml)
+            else:
+                dcp.save(state, storage_writer=ChecksummedWriter(str(tmp)), no_dist=not dist.is_initialized())
+                _barrier()
+                self._finalize(tmp, final, meta, config_yaml)
+                _barrier()
+
+    @contextlib.contextmanager
+    def _disk_errors(self, tmp: Path):
+        """A full or read-only disk: one line naming the directory and the space needed; the
+        half-written `.tmp` is removed and `latest` still names the previous good checkpoint."""
+        try:
+            yield
+        except (OSError, CheckpointException) as exc:
+            cause = exc
+            if isinstance(exc, CheckpointException) and exc.failures:
+                cause = next(iter(exc.failures.values()))[0]
+            if not isinstance(cause, OSError):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise KilnError(f"cannot write checkpoint {tmp.with_suffix('')}: {cause.strerror or cause} "
+                            f"({_space_report(self.dir)}); the previous checkpoint is intact") from None
 
     def poll(self) -> None:
         """Finish an async save whose writes are done (call once per step; cheap)."""
@@ -139,13 +187,15 @@ class CheckpointManager:
             return
         future, tmp, final, meta, config_yaml = self._pending
         self._pending = None
-        future.result()
-        self._finalize(tmp, final, meta, config_yaml)
+        with self._disk_errors(tmp):
+            future.result()
+            self._finalize(tmp, final, meta, config_yaml)
 
     def _finalize(self, tmp: Path, final: Path, meta: dict, config_yaml: str) -> None:
         if _rank() != 0:
             return
         (tmp / "config.yaml").write_text(config_yaml)
+        meta["sha256"] = collect_sums(tmp)
         meta["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         _write_atomic(tmp / META, json.dumps(meta, indent=1))
         old = final.with_name(final.name + ".old")
@@ -159,22 +209,36 @@ class CheckpointManager:
         log.info("checkpoint saved: %s", final)
 
     def _prune(self, keep: str) -> None:
-        done = sorted(p for p in self.dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and p.suffix not in (".tmp", ".old"))
-        for old in done[:-self.keep_last]:
-            if old.name != keep:
-                shutil.rmtree(old, ignore_errors=True)
+        """Drop checkpoints older than the `keep_last` newest up to `keep`; never one newer than `keep`
+        (a run that restarted from an earlier step must not delete the later work it did not load)."""
+        older = [p for p in _step_dirs(self.dir) if p.name < keep]
+        for old in older[:max(len(older) - (self.keep_last - 1), 0)]:
+            shutil.rmtree(old, ignore_errors=True)
         for stray in self.dir.glob(f"{STEP_PREFIX}*.old"):
             shutil.rmtree(stray, ignore_errors=True)
 
+    def has_checkpoints(self) -> bool:
+        return bool(_step_dirs(self.dir)) if self.dir.is_dir() else False
+
+    def clean_stale(self) -> None:
+        """Remove what a crashed or failed save left behind (`step_X.tmp`, `latest.tmp`). Rank 0, at start."""
+        for stray in list(self.dir.glob(f"{STEP_PREFIX}*.tmp")) + [self.dir / "latest.tmp"]:
+            if stray.is_dir():
+                shutil.rmtree(stray, ignore_errors=True)
+            elif stray.exists():
+                stray.unlink()
+
     # ---------- finding and loading ----------
     def find_resumable(self) -> Path | None:
-        """The checkpoint `latest` names if it is whole, else the newest whole one before it."""
-        return find_resumable(self.dir)
+        """The checkpoint `latest` names if it is whole, else the newest whole one before it. Collective
+        under a process group: each rank verifies a share of the files and all agree on the result."""
+        self.rejected: list[str] = []
+        return find_resumable(self.dir, part=(_rank(), _world()), agree=_all_ok, rejected=self.rejected)
 
     def load(self, path: Path, model_parts: list, optimizers: list | None, expect_hash: str | None,
              engine=None) -> dict:
         """Collective: restore model (and optimizer) state into this rank's parts; returns meta."""
-        meta = check_checkpoint(path)
+        meta = check_checkpoint(path, part=None)  # sums: verified by find_resumable / resolve_step_dir
         if expect_hash and meta.get("config_hash") not in (None, expect_hash):
             raise KilnError(f"checkpoint {path} was saved for a different model shape "
                             f"(config hash {meta.get('config_hash')} != {expect_hash}); see its config.yaml")
@@ -186,15 +250,14 @@ class CheckpointManager:
             _load_deepspeed(engine, path, with_optimizer=bool(optimizers))
             _restore_rng(meta)
             return meta
-        from kiln.checkpoint.kiln_format import SafeFileSystemReader
-
         if meta.get("model_only"):  # imported weights (kiln convert): the optimizer starts fresh
             optimizers = None
         state: dict = {"model": model_state(model_parts)}
         if optimizers:
             state["optim"] = optim_state(model_parts, optimizers)
-        # DCP's .metadata is a pickle: read it with an unpickler that admits only DCP's own classes.
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(path)), no_dist=not dist.is_initialized())
+        tied = drop_tied_duplicates(state["model"])  # stored once (older checkpoints hold both copies)
+        dcp_load(state, path)  # no pickle from the checkpoint is run: see kiln.checkpoint.safe_load
+        restore_tied_duplicates(state["model"], tied)
         load_model_state(model_parts, state["model"])
         if optimizers:
             opts = StateDictOptions(flatten_optimizer_state_dict=True)
@@ -223,42 +286,143 @@ def _load_deepspeed(engine, path: Path, with_optimizer: bool) -> None:
         raise KilnError(f"checkpoint {path}: DeepSpeed could not load it")
 
 
-def check_checkpoint(path: Path) -> dict:
-    """Refuse a checkpoint with missing or truncated parts; return its meta."""
+_META_TYPES = {"step": int, "tokens": int, "files": dict, "sha256": dict, "config_hash": str,
+               "data_state": dict, "rng": list, "engine": str, "model_only": bool}
+
+
+def read_meta(path: Path) -> dict:
+    """A checkpoint's meta.json, or one line naming what is wrong with it."""
     meta_path = Path(path) / META
     if not meta_path.is_file():
         raise KilnError(f"checkpoint {path} is incomplete: no {META} (a save was interrupted?)")
     try:
-        meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise KilnError(f"checkpoint {meta_path} is corrupt: {exc}") from None
-    for name, size in meta.get("files", {}).items():
-        f = Path(path) / name
-        if not f.is_file():
-            raise KilnError(f"checkpoint {path} is missing part {name}")
-        if f.stat().st_size != size:
-            raise KilnError(f"checkpoint {path} part {name} is truncated or changed "
-                            f"({f.stat().st_size} bytes, expected {size})")
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise KilnError(f"checkpoint {meta_path} is corrupt: {type(exc).__name__}") from None
+    except OSError as exc:
+        raise KilnError(f"checkpoint {meta_path} cannot be read: {exc.strerror or exc}") from None
+    if not isinstance(meta, dict):
+        raise KilnError(f"checkpoint {meta_path} is corrupt: a JSON {type(meta).__name__}, not an object")
+    for key, kind in _META_TYPES.items():
+        value = meta.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise KilnError(f"checkpoint {meta_path} is corrupt: {key} is a {type(value).__name__}, "
+                            f"expected {kind.__name__}")
+    for key in ("step", "tokens"):
+        if meta.get(key) is not None and meta[key] < 0:
+            raise KilnError(f"checkpoint {meta_path} is corrupt: {key} is negative")
     return meta
 
 
-def find_resumable(ckpt_dir: Path) -> Path | None:
+def check_checkpoint(path: Path, part: tuple[int, int] | None = (0, 1)) -> dict:
+    """Refuse a checkpoint with missing, truncated or changed parts; return its meta. Sizes are
+    checked for every file; sha256 sums for this rank's share `part=(rank, world)` of them (all of
+    them by default; None skips the sums)."""
+    path = Path(path)
+    meta = read_meta(path)
+    files, sums = meta.get("files") or {}, meta.get("sha256") or {}
+    for name, size in files.items():
+        f = path / name
+        if Path(name).name != name or name in (".", ".."):
+            raise KilnError(f"checkpoint {path / META} names a part outside its directory: {name!r}")
+        if not f.is_file():
+            raise KilnError(f"checkpoint {path} is missing part {name}")
+        if not isinstance(size, int) or f.stat().st_size != size:
+            raise KilnError(f"checkpoint {path} part {name} is truncated or changed "
+                            f"({f.stat().st_size} bytes, expected {size})")
+    if part is not None:
+        rank, world = part
+        for name in sorted(sums)[rank::world]:
+            f = path / name
+            if Path(name).name != name or not f.is_file():
+                raise KilnError(f"checkpoint {path} is missing part {name}")
+            if sha256_file(f) != sums[name]:
+                raise KilnError(f"checkpoint {path} part {name} is damaged (sha256 differs from the one saved)")
+    return meta
+
+
+def _step_dirs(ckpt_dir: Path) -> list[Path]:
+    """Finished checkpoint directories, oldest first."""
+    return sorted(p for p in Path(ckpt_dir).glob(f"{STEP_PREFIX}*")
+                  if p.is_dir() and _STEP_NAME.fullmatch(p.name))
+
+
+_STEP_NAME = re.compile(re.escape(STEP_PREFIX) + r"\d{8,}")
+
+
+def read_latest(ckpt_dir: Path) -> Path | None:
+    """The checkpoint `latest` names, or None when it is missing or unusable (garbage, binary,
+    empty, or a name that leaves the directory): the caller then takes the newest whole one."""
+    latest = Path(ckpt_dir) / "latest"
+    if not latest.is_file():
+        return None
+    try:
+        name = latest.read_bytes()[:256].decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        name = ""
+    if not _STEP_NAME.fullmatch(name):
+        log.warning("ignoring %s: it does not name a checkpoint (%r); using the newest whole checkpoint",
+                    latest, name[:40])
+        return None
+    named = Path(ckpt_dir) / name
+    if not named.exists() and named.with_name(name + ".old").is_dir():
+        named = named.with_name(name + ".old")  # a crash between re-save's two renames
+    return named
+
+
+def find_resumable(ckpt_dir: Path, part: tuple[int, int] | None = (0, 1), agree=None,
+                   rejected: list[str] | None = None) -> Path | None:
+    """The checkpoint `latest` names if it is whole, else the newest whole one before it (or the
+    newest whole one at all when `latest` is unusable). `agree(ok)` makes every rank's verdict common;
+    why each skipped checkpoint was refused is appended to `rejected`."""
     ckpt_dir = Path(ckpt_dir)
-    latest = ckpt_dir / "latest"
-    candidates = sorted((p for p in ckpt_dir.glob(f"{STEP_PREFIX}*")
-                         if p.is_dir() and p.suffix not in (".tmp", ".old")), reverse=True)
-    if latest.is_file():
-        named = ckpt_dir / latest.read_text().strip()
-        if not named.exists() and named.with_name(named.name + ".old").is_dir():
-            named = named.with_name(named.name + ".old")  # a crash between re-save's two renames
+    candidates = _step_dirs(ckpt_dir)[::-1]
+    named = read_latest(ckpt_dir)
+    if named is not None:
         candidates = [named] + [c for c in candidates if c.name < named.name]
     for cand in candidates:
         try:
-            check_checkpoint(cand)
-            return cand
+            check_checkpoint(cand, part)
+            ok, why = True, ""
         except KilnError as exc:
-            log.warning("skipping checkpoint: %s", exc)
+            ok, why = False, str(exc)
+        if agree is not None:
+            ok = agree(ok)
+        if ok:
+            return cand
+        why = why or f"{cand} failed verification on another rank"
+        log.warning("skipping checkpoint: %s", why)
+        if rejected is not None:
+            rejected.append(why)
     return None
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_ok(ok: bool) -> bool:
+    """True on every rank only if every rank says True."""
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return flag.item() == 0.0
+
+
+def _space_report(directory: Path) -> str:
+    """Free space where checkpoints go, and how much the last one took."""
+    probe = directory
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return "free space unknown"
+    done = _step_dirs(directory) if directory.is_dir() else []
+    last = sum(f.stat().st_size for f in done[-1].iterdir() if f.is_file()) if done else None
+    need = f"; the last checkpoint took {last / 2**20:.1f} MiB" if last is not None else ""
+    return f"{free / 2**20:.1f} MiB free in {probe}{need}"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -200,9 +200,16 @@ def _load_source(path: str, salt: int, split: str, vocab_size: int, dp_rank: int
     entries = manifest["splits"].get(split, {}).get("shards", [])
     if not sum(e["samples"] for e in entries):
         raise KilnError(f"{where}: split {split!r} has no samples")
+    for entry in entries:  # recorded at prepare: an id beyond the embedding is an IndexError (a device assert on GPU)
+        if entry.get("max_token_id", -1) >= vocab_size:
+            raise KilnError(f"shard {entry['name']} in {path}: token id {entry['max_token_id']} >= "
+                            f"model.vocab_size={vocab_size}")
     dtype = np.dtype(manifest["dtype"]).newbyteorder("<")
     hashed = [on_bad == "skip" or (first_shard + i) % dp_size == dp_rank for i in range(len(entries))]
     indexes = index_shards(path, entries, manifest["sample_tokens"] * dtype.itemsize, on_bad, hashed)
+    for entry, index, full in zip(entries, indexes, hashed):
+        if index is not None and full and "max_token_id" not in entry:  # older manifests: scan what we hashed
+            _check_token_ids(index, entry, dtype, manifest["sample_tokens"], vocab_size, path)
     paths, counts, first_id, offsets = [], [], [], []
     first = 0
     for entry, index in zip(entries, indexes):
@@ -217,6 +224,14 @@ def _load_source(path: str, salt: int, split: str, vocab_size: int, dp_rank: int
     src = _Source(path, dtype, manifest["sample_tokens"], manifest["tokenizer"]["eos_id"], paths,
                   np.asarray(counts, dtype=np.int64), np.asarray(first_id, dtype=np.int64), offsets, salt)
     return src, manifest
+
+
+def _check_token_ids(index, entry: dict, dtype: np.dtype, sample_tokens: int, vocab_size: int, path: str) -> None:
+    data = np.memmap(index.path, dtype=np.uint8, mode="r")
+    for offset in index.offsets:
+        top = int(np.frombuffer(data, dtype=dtype, count=sample_tokens, offset=int(offset)).max())
+        if top >= vocab_size:
+            raise KilnError(f"shard {entry['name']} in {path}: token id {top} >= model.vocab_size={vocab_size}")
 
 
 class _Mixer:

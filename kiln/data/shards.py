@@ -45,6 +45,7 @@ class ShardWriter:
         self._writer = None
         self._file = None
         self._in_shard = 0
+        self._max_id = 0  # the largest token id in the open shard: readers check it against the model's vocab
 
     def add(self, tokens: np.ndarray) -> None:
         self.pending.append(tokens)
@@ -66,9 +67,10 @@ class ShardWriter:
             self._writer = wds.TarWriter(self._file, user="kiln", group="kiln", mode=0o444, mtime=0,
                                          encoder=False, format=tarfile.USTAR_FORMAT)
             self.shards.append({"name": name})
-            self._in_shard = 0
+            self._in_shard = self._max_id = 0
         key = f"{self.split}-{self.samples:09d}"
         self._writer.write({"__key__": key, "tokens": sample.astype(self.dtype).tobytes()})
+        self._max_id = max(self._max_id, int(sample.max()))
         self.samples += 1
         self._in_shard += 1
         if self._in_shard == self.samples_per_shard:
@@ -79,7 +81,7 @@ class ShardWriter:
         entry = self.shards[-1]
         path = self.out_dir / entry["name"]
         entry.update(samples=self._in_shard, tokens=self._in_shard * self.sample_tokens,
-                     bytes=path.stat().st_size, sha256=file_sha256(path))
+                     bytes=path.stat().st_size, sha256=file_sha256(path), max_token_id=self._max_id)
         self._writer = self._file = None
 
     def finish(self) -> dict:
@@ -103,12 +105,57 @@ def read_manifest(data_dir: str | os.PathLike) -> dict:
     if not path.is_file():
         raise KilnError(f"{data_dir}: no {MANIFEST} (run `kiln data prepare ... --out {data_dir}` first)")
     try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise KilnError(f"{path}: not valid JSON ({exc})") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise KilnError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
         raise KilnError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} manifest")
+    check_manifest(manifest, path)
     return manifest
+
+
+_INT = (int,)
+_MANIFEST_KEYS = {"vocab_size": _INT, "sample_tokens": _INT, "dtype": (str,), "tokenizer": (dict,), "splits": (dict,)}
+_TOKENIZER_KEYS = {"name": (str,), "eos_id": _INT, "sha256": (str,)}
+_SHARD_KEYS = {"name": (str,), "samples": _INT, "tokens": _INT, "bytes": _INT, "sha256": (str,)}
+
+
+def _need(obj: dict, keys: dict, where: str) -> None:
+    for key, kinds in keys.items():
+        value = obj.get(key)
+        if not isinstance(value, kinds) or isinstance(value, bool):
+            got = "missing" if key not in obj else f"a {type(value).__name__}"
+            raise KilnError(f"{where}: {key} is {got}, expected {' or '.join(k.__name__ for k in kinds)}")
+
+
+def check_manifest(m: dict, path: Path) -> None:
+    """Every field the reader uses, with its type and range: one line naming the culprit, never a KeyError."""
+    _need(m, _MANIFEST_KEYS, str(path))
+    _need(m["tokenizer"], _TOKENIZER_KEYS, f"{path}: tokenizer")
+    if m["dtype"] not in ("uint16", "uint32"):
+        raise KilnError(f"{path}: dtype {m['dtype'][:20]!r} is not uint16 or uint32")
+    if m["vocab_size"] < 1 or m["sample_tokens"] < 1:
+        raise KilnError(f"{path}: vocab_size and sample_tokens must be positive")
+    if not 0 <= m["tokenizer"]["eos_id"] < m["vocab_size"]:
+        raise KilnError(f"{path}: tokenizer.eos_id {m['tokenizer']['eos_id']} is not below vocab_size {m['vocab_size']}")
+    for split, body in m["splits"].items():
+        shards = body.get("shards") if isinstance(body, dict) else None
+        if not isinstance(shards, list):
+            raise KilnError(f"{path}: splits.{split}.shards is missing or not a list")
+        for i, entry in enumerate(shards):
+            where = f"{path}: splits.{split}.shards.{i}"
+            if not isinstance(entry, dict):
+                raise KilnError(f"{where} is not an object")
+            _need(entry, _SHARD_KEYS, where)
+            name = entry["name"]
+            if Path(name).name != name or name in (".", "..") or not name.endswith(".tar"):
+                raise KilnError(f"{where}: name {name[:60]!r} is not a .tar file inside {path.parent}")
+            if min(entry["samples"], entry["tokens"], entry["bytes"]) < 0:
+                raise KilnError(f"{where}: negative count")
+            top = entry.get("max_token_id")
+            if top is not None and (not isinstance(top, int) or not 0 <= top < m["vocab_size"]):
+                raise KilnError(f"{where} ({name}): max_token_id {top} is not below the manifest's "
+                                f"vocab_size {m['vocab_size']}")
 
 
 def write_manifest(data_dir: Path, manifest: dict) -> None:

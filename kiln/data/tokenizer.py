@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -134,7 +135,10 @@ def from_identity(identity: dict, data_dir: str | os.PathLike) -> Tokenizer:
     """Rebuild the tokenizer a manifest describes, checking the stored file's hash."""
     if identity["name"] == "byte":
         return ByteTokenizer()
-    path = Path(data_dir) / (identity.get("file") or TOKENIZER_FILE)
+    name = identity.get("file") or TOKENIZER_FILE
+    if not isinstance(name, str) or Path(name).name != name or name in (".", ".."):
+        raise KilnError(f"{data_dir}: tokenizer file {str(name)[:60]!r} is not a file name inside the directory")
+    path = Path(data_dir) / name
     if not path.is_file():
         raise KilnError(f"{data_dir}: tokenizer file {path.name} is missing")
     tok = from_file(path, identity["name"], identity["eos_id"])
@@ -145,7 +149,44 @@ def from_identity(identity: dict, data_dir: str | os.PathLike) -> Tokenizer:
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
     """The tokenizer of a `kiln data prepare` output directory."""
-    manifest = Path(data_dir) / "manifest.json"
-    if not manifest.is_file():
-        raise KilnError(f"{data_dir}: no manifest.json (not a `kiln data prepare` output directory)")
-    return from_identity(json.loads(manifest.read_text())["tokenizer"], data_dir)
+    from kiln.data.shards import read_manifest
+
+    return from_identity(read_manifest(data_dir)["tokenizer"], data_dir)
+
+
+RUN_IDENTITY = "tokenizer.identity.json"
+
+
+def keep_in_run(data_dir: str, run_dir: Path, resuming: bool) -> None:
+    """Keep a copy of the data's tokenizer in the run directory, so `kiln generate` and `kiln convert`
+    use what the run trained with even after data_dir is prepared again. A run that resumes refuses
+    data whose tokenizer is not the one it trained with."""
+    from kiln.data.shards import read_manifest
+
+    identity = read_manifest(data_dir)["tokenizer"]
+    kept = run_dir / RUN_IDENTITY
+    if kept.is_file():
+        old = json.loads(kept.read_text())
+        if resuming and old.get("sha256") != identity["sha256"]:
+            raise KilnError(f"{data_dir}: its tokenizer ({identity['name']}, sha256 {identity['sha256'][:12]}) is not "
+                            f"the one this run trained with ({old.get('name')}, sha256 {str(old.get('sha256'))[:12]}, "
+                            f"kept in {run_dir}); prepare the new data elsewhere, or start a new train.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if identity.get("file"):
+        from_identity(identity, data_dir)  # the file matches its recorded hash before it is copied
+        shutil.copyfile(Path(data_dir) / identity["file"], run_dir / (TOKENIZER_FILE + ".tmp"))
+        os.replace(run_dir / (TOKENIZER_FILE + ".tmp"), run_dir / TOKENIZER_FILE)
+        identity = dict(identity, file=TOKENIZER_FILE)
+    tmp = kept.with_name(kept.name + ".tmp")
+    tmp.write_text(json.dumps(identity, indent=1) + "\n")
+    os.replace(tmp, kept)
+
+
+def run_tokenizer(run_dir: Path, data_dir: Optional[str]) -> Tokenizer:
+    """The tokenizer a run trained with: its own copy, else (runs from before kiln kept one) data_dir's."""
+    kept = Path(run_dir) / RUN_IDENTITY
+    if kept.is_file():
+        return from_identity(json.loads(kept.read_text()), run_dir)
+    if not data_dir:
+        raise KilnError(f"{run_dir}: this run has no tokenizer (synthetic data): use --prompt-ids")
+    return load_tokenizer(data_dir)
