@@ -257,3 +257,95 @@ def test_megatron_refuses_what_it_cannot_hold(tmp_path, extra, culprit):
     write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
     with pytest.raises(KilnError, match=culprit):
         convert(tmp_path / "run", "megatron", tmp_path / "mcore")
+
+
+def _megatron_lm_args(m: ModelConfig, padded_vocab: int, **changes):
+    """`args` as Megatron-LM's arguments.py leaves them after validation (the fields that shape the
+    model), with a real AttnBackend enum member and a torch dtype, as its checkpoints hold."""
+    import argparse
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    fields = dict(num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
+                  group_query_attention=m.n_kv_heads is not None, num_query_groups=m.n_kv_heads or 1,
+                  kv_channels=m.d_model // m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
+                  norm_epsilon=m.norm_eps, swiglu=True, add_bias_linear=False, add_qkv_bias=False,
+                  position_embedding_type="rope", rotary_base=int(m.rope_theta), rotary_percent=1.0,
+                  rotary_interleaved=False, use_rope_scaling=False, rope_scaling_factor=8.0,
+                  untie_embeddings_and_output_weights=not m.tie_embeddings, padded_vocab_size=padded_vocab,
+                  vocab_size=m.vocab_size, max_position_embeddings=m.max_seq_len, seq_length=32,
+                  init_method_std=m.init_std, attention_backend=AttnBackend.auto, params_dtype=torch.bfloat16,
+                  qk_layernorm=False, num_experts=None, multi_latent_attention=False, window_size=None,
+                  apply_layernorm_1p=False, layernorm_zero_centered_gamma=False, ckpt_format="torch")
+    fields.update(changes)
+    return argparse.Namespace(**fields)
+
+
+def _as_megatron_lm(tmp_path: Path, model, cfg, **arg_changes) -> Path:
+    """A kiln-written Megatron checkpoint rewritten the way Megatron-LM saves one: no kiln metadata or
+    sidecar, `args`, numpy/python/torch RNG states, optimizer and scheduler state."""
+    import random
+
+    import numpy as np
+
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mlm")
+    padded = json.loads((tmp_path / "mlm/megatron_config.json").read_text())["padded_vocab_size"]
+    (tmp_path / "mlm/megatron_config.json").unlink()
+    path = tmp_path / "mlm/release/mp_rank_00/model_optim_rng.pt"
+    blob = torch.load(path, weights_only=True)
+    rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}]
+    torch.save({"args": _megatron_lm_args(cfg.model, padded, **arg_changes), "checkpoint_version": 3.0,
+                "iteration": 100, "model": blob["model"], "rng_state": rng,
+                "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}},
+                "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": 100}}, path)
+    return tmp_path / "mlm"
+
+
+def test_megatron_lm_legacy_file_reads_safely_and_honours_args(tmp_path):
+    from kiln.config import RopeScalingConfig
+
+    model, cfg = make_model(vocab=500, rope_scaling=RopeScalingConfig(type="llama3", factor=8.0))
+    src = _as_megatron_lm(tmp_path, model, cfg, use_rope_scaling=True, rope_scaling_factor=8.0)
+    convert(src, "kiln", tmp_path / "back")
+    back = KilnCheckpointReader(tmp_path / "back").cfg.model
+    assert back.vocab_size == 500  # args.vocab_size, not the padded 512: padding rows dropped
+    assert back.rope_scaling == cfg.model.rope_scaling and back.n_kv_heads == 2 and not back.tie_embeddings
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.parametrize("change,culprit", [(dict(rotary_percent=0.5), "args.rotary_percent=0.5"),
+                                            (dict(swiglu=False), "args.swiglu=False"),
+                                            (dict(normalization="LayerNorm"), "args.normalization"),
+                                            (dict(add_qkv_bias=True), "args.add_qkv_bias")])
+def test_megatron_lm_args_that_change_the_math_are_refused(tmp_path, change, culprit):
+    model, cfg = make_model()
+    src = _as_megatron_lm(tmp_path, model, cfg, **change)
+    with pytest.raises(KilnError, match=culprit):
+        convert(src, "kiln", tmp_path / "back")
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_megatron_planted_pickle_in_rng_state_never_runs(tmp_path):
+    model, cfg = make_model()
+    src = _as_megatron_lm(tmp_path, model, cfg)
+    path = src / "release/mp_rank_00/model_optim_rng.pt"
+    from kiln.checkpoint.megatron import safe_globals
+
+    with torch.serialization.safe_globals(safe_globals()):
+        blob = torch.load(path, weights_only=True)
+    blob["rng_state"][0]["np_rng_state"] = _Planted(tmp_path / "pwned")
+    torch.save(blob, path)
+    with pytest.raises(KilnError, match="model_optim_rng.pt"):
+        convert(src, "kiln", tmp_path / "back")
+    assert not (tmp_path / "pwned").exists()

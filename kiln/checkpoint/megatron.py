@@ -23,7 +23,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
@@ -210,10 +210,47 @@ def is_megatron_dir(path: Path) -> bool:
     return any(_RANK_DIR.match(p.name) and (p / FILE).is_file() for p in path.iterdir() if p.is_dir())
 
 
-def _load(path: Path) -> dict:
-    """Tensors and plain data only; Megatron-LM's saved args (a Namespace) are allowed too."""
+class MegatronEnum(NamedTuple):
+    """What an enum member in Megatron-LM's `args` reads as: its class's name and its value,
+    without importing megatron or running its code."""
+
+    enum: str
+    value: Any
+
+
+def _enum_stand_in(qualified: str):
+    def make(value: Any) -> MegatronEnum:
+        return MegatronEnum(qualified, value)
+    return make
+
+
+def _numpy_globals() -> list:
+    """numpy's RNG state (`np_rng_state`, a uint32 array) as Megatron-LM saves it: the array
+    rebuild function under its numpy 2 and numpy 1 names, ndarray, dtype and the uint32 dtype's
+    class (whose state BUILD sets); nothing else of numpy."""
+    import numpy as np
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [(_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_ENUMS = ("megatron.core.transformer.enums.AttnBackend",)  # `args.attention_backend`
+
+
+def safe_globals() -> list:
+    """The exact allowlist for Megatron files on top of torch's weights-only set: the `args`
+    Namespace, numpy's RNG state and the enum classes Megatron-LM stores in `args` (as stand-ins)."""
+    return [argparse.Namespace, *_numpy_globals(), *[(_enum_stand_in(q), q) for q in _ENUMS]]
+
+
+def _load(path: Path) -> dict:
+    """Tensors and plain data only, plus `safe_globals()` (Megatron-LM's args and RNG state)."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # UnpicklingError, RuntimeError on a truncated zip, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -223,17 +260,21 @@ def _load(path: Path) -> dict:
 def _meta_from_args(args: Any, path: Path) -> dict[str, Any]:
     """Model settings from a Megatron-LM checkpoint's `args`."""
     a = vars(args)
-    need = ("num_layers", "hidden_size", "num_attention_heads")
+    need = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
     for key in need:
         if a.get(key) is None:
             raise KilnError(f"{path}: args.{key} missing; cannot tell the model shape")
     heads = a["num_attention_heads"]
     checks = {"swiglu": True, "add_bias_linear": False, "add_qkv_bias": False, "normalization": "RMSNorm",
-              "position_embedding_type": "rope", "rotary_percent": 1.0, "apply_query_key_layer_scaling": False,
-              "qk_layernorm": False, "num_experts": None, "multi_latent_attention": False, "window_size": None}
+              "position_embedding_type": "rope", "rotary_percent": 1.0, "qk_layernorm": False, "num_experts": None,
+              "multi_latent_attention": False, "window_size": None, "apply_layernorm_1p": False,
+              "layernorm_zero_centered_gamma": False, "softmax_scale": None}
+    # absent from args means Megatron-LM's default, which for these three is not what kiln computes
+    defaults = {"swiglu": False, "normalization": "LayerNorm", "position_embedding_type": "learned_absolute"}
     for key, ok in checks.items():
-        if key in a and a[key] != ok:
-            raise KilnError(f"{path}: args.{key}={a[key]!r} is not supported by kiln (needs {ok!r})")
+        value = a.get(key, defaults.get(key, ok))
+        if value != ok:
+            raise KilnError(f"{path}: args.{key}={value!r} is not supported by kiln (needs {ok!r})")
     interp = a.get("rotary_seq_len_interpolation_factor")
     return {
         "rope_scaling": bool(a.get("use_rope_scaling", False)), "rope_scaling_factor": a.get("rope_scaling_factor", 8.0),
