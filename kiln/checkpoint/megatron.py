@@ -36,6 +36,7 @@ TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 META_KEY = "kiln_megatron"
 SIDECAR = "megatron_config.json"
+DIST_METADATA = "metadata.json"  # a dist_checkpointing (torch_dist) directory
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _KNOWN = re.compile(r"^(embedding\.word_embeddings\.weight|decoder\.final_layernorm\.weight|output_layer\.weight"
@@ -114,17 +115,7 @@ def write_megatron(source: Source, out: Path, tp: int = 1, pp: int = 1, dtype: O
                    vocab_multiple: int = 128) -> list[str]:
     """Write a TP x PP Megatron-Core checkpoint; one pipeline stage is in memory at a time."""
     m = source.cfg.model
-    kv = n_kv_heads(m)
-    _refuse_unsupported(m)
-    if tp < 1 or pp < 1:
-        raise KilnError("--tp and --pp must be >= 1")
-    if m.n_heads % tp or kv % tp:
-        raise KilnError(f"--tp {tp} must divide the attention heads ({m.n_heads}) and query groups ({kv})")
-    ffn = kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0]
-    if ffn % tp:
-        raise KilnError(f"--tp {tp} must divide the feed-forward size {ffn}")
-    if m.n_layers % pp:
-        raise KilnError(f"--pp {pp} must divide the number of layers ({m.n_layers})")
+    check_writable(m, tp, pp)
     meta = megatron_meta(m, tp, pp, vocab_multiple)
     vocab = meta["padded_vocab_size"]
     per_stage = m.n_layers // pp
@@ -205,7 +196,7 @@ def _checkpoint_dir(path: Path) -> Path:
 
 def is_megatron_dir(path: Path) -> bool:
     path = Path(path)
-    if (path / TRACKER).is_file():
+    if (path / TRACKER).is_file() or (path / DIST_METADATA).is_file():
         return True
     return any(_RANK_DIR.match(p.name) and (p / FILE).is_file() for p in path.iterdir() if p.is_dir())
 
@@ -323,6 +314,32 @@ def _config_from_meta(meta: dict[str, Any], origin: str) -> Config:
     return cfg
 
 
+def split_qkv(qkv: torch.Tensor, m: ModelConfig, key: str, meta: dict, origin: str) -> dict[str, torch.Tensor]:
+    """A full (all TP ranks) fused linear_qkv weight -> kiln's wq, wk, wv (interleaved RoPE rows)."""
+    groups, hd = n_kv_heads(m), head_dim(m)
+    check_shape(key, qkv, ((m.n_heads + 2 * groups) * hd, m.d_model), origin)
+    q, k, v = torch.split(qkv.reshape(groups, -1, m.d_model), [m.n_heads // groups * hd, hd, hd], dim=1)
+    q, k, v = (t.reshape(-1, m.d_model) for t in (q, k, v))
+    if not meta.get("rotary_interleaved", False):
+        q, k = half_to_interleaved(q, m.n_heads), half_to_interleaved(k, groups)
+    return {"wq": q, "wk": k, "wv": v}
+
+
+def check_writable(m: ModelConfig, tp: int, pp: int) -> None:
+    """What both Megatron writers require of the model and the layout."""
+    _refuse_unsupported(m)
+    kv = n_kv_heads(m)
+    if tp < 1 or pp < 1:
+        raise KilnError("--tp and --pp must be >= 1")
+    if m.n_heads % tp or kv % tp:
+        raise KilnError(f"--tp {tp} must divide the attention heads ({m.n_heads}) and query groups ({kv})")
+    ffn = kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0]
+    if ffn % tp:
+        raise KilnError(f"--tp {tp} must divide the feed-forward size {ffn}")
+    if m.n_layers % pp:
+        raise KilnError(f"--pp {pp} must divide the number of layers ({m.n_layers})")
+
+
 class MegatronSource:
     """A Megatron-Core GPT checkpoint (any TP x PP) read through kiln names."""
 
@@ -401,13 +418,7 @@ class MegatronSource:
         groups, hd = n_kv_heads(m), head_dim(m)
         key = f"decoder.layers.{j}.self_attention.linear_qkv.weight"
         qkv = self._cat(stage, key, 0)
-        expected = ((m.n_heads + 2 * groups) * hd, m.d_model)
-        check_shape(key, qkv, expected, str(self.path))
-        q, k, v = torch.split(qkv.reshape(groups, -1, m.d_model), [m.n_heads // groups * hd, hd, hd], dim=1)
-        q, k, v = (t.reshape(-1, m.d_model) for t in (q, k, v))
-        if not self.meta.get("rotary_interleaved", False):
-            q, k = half_to_interleaved(q, m.n_heads), half_to_interleaved(k, groups)
-        self._qkv_cache = (i, {"wq": q, "wk": k, "wv": v})
+        self._qkv_cache = (i, split_qkv(qkv, m, key, self.meta, str(self.path)))
         return self._qkv_cache[1]
 
     def get(self, name: str) -> torch.Tensor:
