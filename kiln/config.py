@@ -83,6 +83,25 @@ BIG = 2 ** 20  # a generous ceiling for widths and counts: catches a typo such a
 
 
 @dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling for long context, with Hugging Face's parameter names.
+    llama3: Llama 3.1+ (factor, low/high_freq_factor, original_max_position_embeddings);
+    linear: positions divided by factor; yarn: YaRN (factor, beta_fast/slow, mscale*, attention_factor)."""
+
+    type: str = one_of("llama3", "linear", "yarn")
+    factor: float = ranged(8.0, 0, lo_open=True)
+    low_freq_factor: float = ranged(1.0, 0, lo_open=True)
+    high_freq_factor: float = ranged(4.0, 0, lo_open=True)
+    original_max_position_embeddings: Optional[int] = ranged(8192, 1, 2 ** 24)
+    beta_fast: float = ranged(32.0, 0, lo_open=True)
+    beta_slow: float = ranged(1.0, 0, lo_open=True)
+    mscale: Optional[float] = None
+    mscale_all_dim: Optional[float] = None
+    attention_factor: Optional[float] = ranged(None, 0, lo_open=True)
+    truncate: bool = True
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = ranged(512, 1, 2 ** 24)
@@ -98,6 +117,12 @@ class ModelConfig:
     tie_embeddings: bool = False
     attention: str = one_of("auto", "flash", "sdpa", "math")
     init_std: float = ranged(0.02, 0, 10, lo_open=True)
+    head_dim: Optional[int] = ranged(None, 2, 4096)  # None: d_model / n_heads
+    rope_scaling: Optional[RopeScalingConfig] = None  # None: plain RoPE
+    attention_bias: bool = False  # biases on q, k, v and o (Llama's attention_bias)
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
+    attention_window: Optional[int] = ranged(None, 1, 2 ** 24)  # sliding window: a query sees this many keys, itself included
 
 
 @dataclass
@@ -382,7 +407,15 @@ def config_hash(cfg: Config) -> str:
     shape, but not into a recipe that only renames the model or changes its attention kernel."""
     m = cfg.model
     shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads, ffn_dim(m), m.tie_embeddings)
+    variant = (head_dim(m), m.attention_bias, m.qkv_bias, m.mlp_bias)
+    if variant != (m.d_model // m.n_heads, False, False, False):  # older hashes stay valid
+        shape += variant
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
+
+
+def head_dim(m: ModelConfig) -> int:
+    """Per-head width: explicit (Mistral Nemo, Gemma) or d_model / n_heads."""
+    return m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
 
 
 def ffn_dim(m: ModelConfig) -> int:
@@ -402,8 +435,12 @@ def validate(cfg: Config) -> None:
     """Check each field against the range declared beside it, then the rules that join fields."""
     _check_fields(cfg, "")
     m = cfg.model
-    _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
-    _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim (d_model / n_heads) must be even for RoPE")
+    if m.head_dim is None:
+        _check(m.d_model % m.n_heads == 0, "model.d_model", f"{m.d_model} is not divisible by model.n_heads={m.n_heads}")
+        _check((m.d_model // m.n_heads) % 2 == 0, "model.n_heads", "head dim (d_model / n_heads) must be even for RoPE")
+    else:
+        _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
+    _validate_rope_scaling(m)
     kv = m.n_kv_heads or m.n_heads
     _check(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
     _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
@@ -418,6 +455,18 @@ def validate(cfg: Config) -> None:
         _check(bool(d.path or d.mixture), "data.path", "set data.path (or data.mixture, or data.synthetic=markov)")
     t = cfg.train
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
+
+
+def _validate_rope_scaling(m: ModelConfig) -> None:
+    r = m.rope_scaling
+    if r is None:
+        return
+    if r.type in ("llama3", "yarn"):
+        _check(r.original_max_position_embeddings is not None and r.original_max_position_embeddings > 0,
+               "model.rope_scaling.original_max_position_embeddings", f"must be positive for {r.type}")
+    if r.type == "llama3":
+        _check(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
+               "must exceed model.rope_scaling.low_freq_factor")
 
 
 def pipeline_microbatches(cfg: Config) -> int:

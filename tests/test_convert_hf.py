@@ -147,7 +147,7 @@ def test_mismatches_name_the_culprit(tmp_path):
     config_path.write_text(json.dumps(dict(config, vocab_size=1024)))
     with pytest.raises(KilnError, match="model.embed_tokens.weight"):
         convert(tmp_path / "hf", "kiln", tmp_path / "bad")
-    config_path.write_text(json.dumps(dict(config, rope_parameters={"rope_type": "yarn", "rope_theta": 1.0})))
+    config_path.write_text(json.dumps(dict(config, rope_parameters={"rope_type": "longrope", "rope_theta": 1.0})))
     with pytest.raises(KilnError, match="rope_type"):
         convert(tmp_path / "hf", "kiln", tmp_path / "bad2")
     with pytest.raises(KilnError, match="not empty"):

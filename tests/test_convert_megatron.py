@@ -27,6 +27,7 @@ from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")
 SEQ = 12
+LONG, LONG_POSITIONS = 131072, [0, 1, 1000, 8191, 8192, 50000, 131071]
 
 
 def _free_port() -> int:
@@ -35,10 +36,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False) -> tuple[Transformer, Config]:
+def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False, **extra) -> tuple[Transformer, Config]:
     m = ModelConfig(vocab_size=vocab, d_model=64, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                    max_seq_len=64, tie_embeddings=tie, rope_theta=5000.0, norm_eps=1e-6, attention="math",
-                    init_std=0.1)
+                    max_seq_len=64, tie_embeddings=tie, norm_eps=1e-6, attention="math",
+                    init_std=0.1, **{"rope_theta": 5000.0, **extra})
     cfg = Config(model=m)
     cfg.data.seq_len = 32
     torch.manual_seed(0)
@@ -51,7 +52,7 @@ def make_model(vocab=512, n_heads=4, n_kv_heads=2, tie=False) -> tuple[Transform
 
 
 def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, padded_vocab: int, ckpt: str,
-            tokens: torch.Tensor, out: str) -> None:
+            tokens: torch.Tensor, out: str, fmt: str = "torch") -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -72,8 +73,9 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
         LanguageModule._is_in_embd_group = lambda self: False
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
         pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+        meta = json.loads((Path(ckpt) / "megatron_config.json").read_text())
         config = TransformerConfig(
-            num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
+            kv_channels=meta["kv_channels"], num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
             num_query_groups=m.n_kv_heads or m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
             layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
             bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
@@ -81,12 +83,28 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
             tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32)
         model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=padded_vocab,
                          max_sequence_length=m.max_seq_len, position_embedding_type="rope", rotary_base=int(m.rope_theta),
+                         rope_scaling=meta["rope_scaling"], rope_scaling_factor=meta["rope_scaling_factor"],
+                         seq_len_interpolation_factor=meta["seq_len_interpolation_factor"],
                          share_embeddings_and_output_weights=m.tie_embeddings,
                          pre_process=pp_rank == 0, post_process=pp_rank == pp - 1).eval()
-        path = Path(ckpt) / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
-        state = torch.load(path, weights_only=True)["model"]
+        if fmt == "torch_dist":  # megatron-core's own loader, resharding the global tensors to this rank
+            from megatron.core import dist_checkpointing
+
+            # _extra_state objects (None in the local spec) are left out: megatron-core 0.16.1's load of
+            # ShardedObjects returns raw BytesIO under torch 2.13 and then fails on its own bookkeeping.
+            sharded = {k: v for k, v in model.sharded_state_dict().items() if not k.endswith("_extra_state")}
+            loaded = dist_checkpointing.load(sharded, str(Path(ckpt) / "release"))
+            assert loaded["kiln_megatron"]["kv_channels"] == meta["kv_channels"]  # common.pt merged in, as for Megatron-LM
+            state = {k: v for k, v in loaded.items() if k in sharded}
+            state.update({k: None for k in model.state_dict() if k.endswith("_extra_state")})
+            result["loaded"] = "release (torch_dist)"
+        else:
+            path = Path(ckpt) / "release" / rank_dir_name(tp_rank, pp_rank, pp) / "model_optim_rng.pt"
+            state = torch.load(path, weights_only=True)["model"]
+            result["loaded"] = str(path.relative_to(ckpt))
         model.load_state_dict(state, strict=True)
-        result["loaded"] = str(path.relative_to(ckpt))
+        if pp_rank == 0:  # Megatron's RoPE angles at long range (positions only, no forward)
+            result["angles"] = model.rotary_pos_emb.get_freqs_non_repeated(LONG)[LONG_POSITIONS].tolist()
         result["equal"] = all(torch.equal(v, state[k]) for k, v in model.state_dict().items() if v is not None)
         if pp == 1:
             class _NoFork:
@@ -112,12 +130,13 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
     shutdown()  # barrier, destroy, flush, os._exit: the gloo exit-abort cure
 
 
-def run_megatron(tmp: Path, ckpt: Path, cfg: Config, tp: int, pp: int, tokens: torch.Tensor) -> list[dict]:
+def run_megatron(tmp: Path, ckpt: Path, cfg: Config, tp: int, pp: int, tokens: torch.Tensor,
+                 fmt: str = "torch") -> list[dict]:
     out = tmp / f"results_tp{tp}_pp{pp}"
     out.mkdir()
     meta = json.loads((ckpt / "megatron_config.json").read_text())
     mp.start_processes(_worker, args=(tp * pp, _free_port(), tp, pp, cfg.model, meta["padded_vocab_size"], str(ckpt),
-                                      tokens, str(out)), nprocs=tp * pp, start_method="spawn", join=True)
+                                      tokens, str(out), fmt), nprocs=tp * pp, start_method="spawn", join=True)
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(tp * pp)]
     for r in results:
         assert "error" not in r, r["error"]
@@ -209,3 +228,174 @@ def test_megatron_errors_name_the_tensor(tmp_path):
     torch.save(blob, path)
     with pytest.raises(KilnError, match="weights_only"):
         convert(tmp_path / "mcore", "kiln", tmp_path / "back3")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("case", ["llama3_head_dim_tp2", "linear_tp1"])
+def test_megatron_rope_scaling_and_head_dim(tmp_path, case):
+    """llama3 RoPE scaling (Megatron-Core's rope_scaling), linear (its seq_len_interpolation_factor)
+    and head_dim != hidden/heads (kv_channels): megatron-core's logits and its RoPE angles up to
+    position 131071 against kiln's table; Megatron -> kiln keeps every setting."""
+    from kiln.config import RopeScalingConfig
+    from kiln.model.llama import rope_cache
+
+    tp = 2 if case.endswith("tp2") else 1
+    scaling = RopeScalingConfig(type="llama3", factor=8.0) if case.startswith("llama3") else \
+        RopeScalingConfig(type="linear", factor=4.0)
+    extra = dict(head_dim=24, rope_theta=500000.0) if case.startswith("llama3") else {}
+    model, cfg = make_model(rope_scaling=scaling, **extra)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mcore", tp=tp)
+    tokens = torch.randint(0, 512, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    results = run_megatron(tmp_path, tmp_path / "mcore", cfg, tp, 1, tokens)
+    assert check_logits(model, tokens, results, case) <= 1e-5
+    angles = torch.tensor(results[0]["angles"])
+    table = rope_cache(angles.shape[-1] * 2, LONG, cfg.model.rope_theta, scaling)[LONG_POSITIONS]
+    assert (table[..., 0] - angles.cos()).abs().max() <= 1e-5 and (table[..., 1] - angles.sin()).abs().max() <= 1e-5
+    convert(tmp_path / "mcore", "kiln", tmp_path / "back")
+    back = KilnCheckpointReader(tmp_path / "back").cfg.model
+    assert back.rope_scaling == scaling and back.head_dim == cfg.model.head_dim
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.parametrize("extra,culprit", [(dict(qkv_bias=True), "model.qkv_bias"),
+                                           (dict(attention_window=8), "model.attention_window"),
+                                           (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "yarn")])
+def test_megatron_refuses_what_it_cannot_hold(tmp_path, extra, culprit):
+    from kiln.config import RopeScalingConfig
+
+    if "rope_scaling" in extra:
+        extra = dict(rope_scaling=RopeScalingConfig(**extra["rope_scaling"]))
+    model, cfg = make_model(**extra)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    with pytest.raises(KilnError, match=culprit):
+        convert(tmp_path / "run", "megatron", tmp_path / "mcore")
+
+
+def _megatron_lm_args(m: ModelConfig, padded_vocab: int, **changes):
+    """`args` as Megatron-LM's arguments.py leaves them after validation (the fields that shape the
+    model), with a real AttnBackend enum member and a torch dtype, as its checkpoints hold."""
+    import argparse
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    fields = dict(num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
+                  group_query_attention=m.n_kv_heads is not None, num_query_groups=m.n_kv_heads or 1,
+                  kv_channels=m.d_model // m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
+                  norm_epsilon=m.norm_eps, swiglu=True, add_bias_linear=False, add_qkv_bias=False,
+                  position_embedding_type="rope", rotary_base=int(m.rope_theta), rotary_percent=1.0,
+                  rotary_interleaved=False, use_rope_scaling=False, rope_scaling_factor=8.0,
+                  untie_embeddings_and_output_weights=not m.tie_embeddings, padded_vocab_size=padded_vocab,
+                  vocab_size=m.vocab_size, max_position_embeddings=m.max_seq_len, seq_length=32,
+                  init_method_std=m.init_std, attention_backend=AttnBackend.auto, params_dtype=torch.bfloat16,
+                  qk_layernorm=False, num_experts=None, multi_latent_attention=False, window_size=None,
+                  apply_layernorm_1p=False, layernorm_zero_centered_gamma=False, ckpt_format="torch")
+    fields.update(changes)
+    return argparse.Namespace(**fields)
+
+
+def _as_megatron_lm(tmp_path: Path, model, cfg, **arg_changes) -> Path:
+    """A kiln-written Megatron checkpoint rewritten the way Megatron-LM saves one: no kiln metadata or
+    sidecar, `args`, numpy/python/torch RNG states, optimizer and scheduler state."""
+    import random
+
+    import numpy as np
+
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mlm")
+    padded = json.loads((tmp_path / "mlm/megatron_config.json").read_text())["padded_vocab_size"]
+    (tmp_path / "mlm/megatron_config.json").unlink()
+    path = tmp_path / "mlm/release/mp_rank_00/model_optim_rng.pt"
+    blob = torch.load(path, weights_only=True)
+    rng = [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+            "torch_rng_state": torch.get_rng_state(), "cuda_rng_state": torch.get_rng_state(),
+            "rng_tracker_states": {"model-parallel-rng": torch.get_rng_state()}}]
+    torch.save({"args": _megatron_lm_args(cfg.model, padded, **arg_changes), "checkpoint_version": 3.0,
+                "iteration": 100, "model": blob["model"], "rng_state": rng,
+                "optimizer": {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0]}]}},
+                "opt_param_scheduler": {"max_lr": 1e-4, "num_steps": 100}}, path)
+    return tmp_path / "mlm"
+
+
+def test_megatron_lm_legacy_file_reads_safely_and_honours_args(tmp_path):
+    from kiln.config import RopeScalingConfig
+
+    model, cfg = make_model(vocab=500, rope_scaling=RopeScalingConfig(type="llama3", factor=8.0))
+    src = _as_megatron_lm(tmp_path, model, cfg, use_rope_scaling=True, rope_scaling_factor=8.0)
+    convert(src, "kiln", tmp_path / "back")
+    back = KilnCheckpointReader(tmp_path / "back").cfg.model
+    assert back.vocab_size == 500  # args.vocab_size, not the padded 512: padding rows dropped
+    assert back.rope_scaling == cfg.model.rope_scaling and back.n_kv_heads == 2 and not back.tie_embeddings
+    assert_same_as(model, tmp_path / "back")
+
+
+@pytest.mark.parametrize("change,culprit", [(dict(rotary_percent=0.5), "args.rotary_percent=0.5"),
+                                            (dict(swiglu=False), "args.swiglu=False"),
+                                            (dict(normalization="LayerNorm"), "args.normalization"),
+                                            (dict(add_qkv_bias=True), "args.add_qkv_bias")])
+def test_megatron_lm_args_that_change_the_math_are_refused(tmp_path, change, culprit):
+    model, cfg = make_model()
+    src = _as_megatron_lm(tmp_path, model, cfg, **change)
+    with pytest.raises(KilnError, match=culprit):
+        convert(src, "kiln", tmp_path / "back")
+
+
+class _Planted:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_megatron_planted_pickle_in_rng_state_never_runs(tmp_path):
+    model, cfg = make_model()
+    src = _as_megatron_lm(tmp_path, model, cfg)
+    path = src / "release/mp_rank_00/model_optim_rng.pt"
+    from kiln.checkpoint.megatron import safe_globals
+
+    with torch.serialization.safe_globals(safe_globals()):
+        blob = torch.load(path, weights_only=True)
+    blob["rng_state"][0]["np_rng_state"] = _Planted(tmp_path / "pwned")
+    torch.save(blob, path)
+    with pytest.raises(KilnError, match="model_optim_rng.pt"):
+        convert(src, "kiln", tmp_path / "back")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("layout", ["tp2", "pp2_tied"])
+def test_megatron_torch_dist_loads_in_megatron_core_and_roundtrips(tmp_path, layout):
+    """`--megatron-format torch_dist`: megatron-core's `dist_checkpointing.load` reshards it onto a
+    TP=2 or PP=2 GPTModel, which then loads it with strict=True (and, under TP, gives kiln's logits);
+    torch_dist -> kiln gives back the exact tensors and settings."""
+    from kiln.config import RopeScalingConfig
+
+    tp, pp = (2, 1) if layout == "tp2" else (1, 2)
+    if layout == "tp2":
+        model, cfg = make_model(vocab=500, head_dim=24, rope_theta=500000.0,
+                                rope_scaling=RopeScalingConfig(type="llama3", factor=8.0))
+    else:
+        model, cfg = make_model(tie=True)
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    summary = convert(tmp_path / "run", "megatron", tmp_path / "mdist", tp=tp, pp=pp, megatron_format="torch_dist")
+    assert "release/.metadata" in summary["files"] and "release/common.pt" in summary["files"]
+    assert json.loads((tmp_path / "mdist/release/metadata.json").read_text())["sharded_backend"] == "torch_dist"
+    tokens = torch.randint(0, 500, (2, SEQ), generator=torch.Generator().manual_seed(6))
+    results = run_megatron(tmp_path, tmp_path / "mdist", cfg, tp, pp, tokens, fmt="torch_dist")
+    if pp == 1:
+        assert check_logits(model, tokens, results, f"torch_dist {layout}") <= 1e-5
+    back = convert(tmp_path / "mdist", "kiln", tmp_path / "back")
+    assert back["source_format"] == "megatron"
+    assert KilnCheckpointReader(tmp_path / "back").cfg.model.rope_scaling == cfg.model.rope_scaling
+    assert_same_as(model, tmp_path / "back")
+
+
+def test_megatron_torch_dist_other_backends_are_refused(tmp_path):
+    model, cfg = make_model()
+    write_kiln_checkpoint(model.state_dict(), cfg, tmp_path / "run")
+    convert(tmp_path / "run", "megatron", tmp_path / "mdist", megatron_format="torch_dist")
+    (tmp_path / "mdist/release/metadata.json").write_text(json.dumps({"sharded_backend": "zarr"}))
+    with pytest.raises(KilnError, match="zarr"):
+        convert(tmp_path / "mdist", "kiln", tmp_path / "back")

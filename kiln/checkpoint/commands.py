@@ -20,6 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--pp", type=int, default=1, help="Megatron pipeline-parallel size of the output")
     p.add_argument("--vocab-multiple", type=int, default=128,
                    help="Megatron: pad the vocab to a multiple of this times --tp (Megatron-LM default 128)")
+    p.add_argument("--megatron-format", choices=("torch", "torch_dist"), default="torch",
+                   help="Megatron: legacy per-rank files (torch) or dist_checkpointing (torch_dist, Megatron-LM's default)")
     p.add_argument("--max-shard-size", default="5GB", help="Hugging Face: largest safetensors shard (e.g. 5GB, 500MB)")
     p.add_argument("--dtype", choices=("keep", "fp32", "bf16", "fp16"), default="keep", help="output dtype")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary")
@@ -30,7 +32,8 @@ def run_convert(args: argparse.Namespace) -> int:
     from kiln.checkpoint.convert import convert
 
     summary = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp, fmt=args.src_format,
-                      max_shard_size=args.max_shard_size, dtype=args.dtype, vocab_multiple=args.vocab_multiple)
+                      max_shard_size=args.max_shard_size, dtype=args.dtype, vocab_multiple=args.vocab_multiple,
+                      megatron_format=args.megatron_format)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

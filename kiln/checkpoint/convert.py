@@ -51,7 +51,9 @@ def open_source(src: Path, fmt: Optional[str] = None) -> Source:
     if fmt == "hf":
         return hf.HFSource(src)
     if fmt == "megatron":
-        return megatron.MegatronSource(src)
+        from kiln.checkpoint.megatron_dist import open_megatron
+
+        return open_megatron(src)
     if fmt == "deepspeed":
         return deepspeed_format.DeepSpeedSource(src)
     return KilnCheckpointReader(src)
@@ -65,7 +67,12 @@ def write_kiln(source: Source, out: Path, dtype: Optional[str] = None) -> Path:
             state[name] = state["tok_embeddings.weight"]
         else:
             state[name] = cast(t, dtype).clone()
-    return write_kiln_checkpoint(state, source.cfg, out)
+    step_dir = write_kiln_checkpoint(state, source.cfg, out)
+    from kiln.checkpoint import hf
+
+    if isinstance(source, hf.HFSource):
+        hf.save_extras(source, out)
+    return step_dir
 
 
 def _count_reads(source: Source):
@@ -93,7 +100,8 @@ def _prepare_out(out: Path) -> None:
 
 
 def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: Optional[str] = None,
-            max_shard_size: str | int = "5GB", dtype: Optional[str] = None, vocab_multiple: int = 128) -> dict:
+            max_shard_size: str | int = "5GB", dtype: Optional[str] = None, vocab_multiple: int = 128,
+            megatron_format: str = "torch") -> dict:
     """Convert `src` to format `to` under `out`; returns a summary (source format, files)."""
     from kiln.checkpoint import hf, megatron
 
@@ -101,6 +109,8 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
         raise KilnError(f"--to {to!r} is not one of {', '.join(TARGETS)}")
     src, out = Path(src), Path(out)
     fmt = fmt or detect_format(src)
+    if megatron_format not in ("torch", "torch_dist"):
+        raise KilnError(f"--megatron-format {megatron_format!r} is not one of torch, torch_dist")
     if to != "megatron" and (tp, pp) != (1, 1):
         raise KilnError("--tp/--pp select a Megatron layout; they need --to megatron")
     source = open_source(src, fmt)
@@ -108,6 +118,10 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
     bar = _count_reads(source)
     if to == "hf":
         files = hf.write_hf(source, out, max_shard_size=max_shard_size, dtype=dtype)
+    elif to == "megatron" and megatron_format == "torch_dist":
+        from kiln.checkpoint.megatron_dist import write_megatron_dist
+
+        files = write_megatron_dist(source, out, tp=tp, pp=pp, dtype=dtype, vocab_multiple=vocab_multiple)
     elif to == "megatron":
         files = megatron.write_megatron(source, out, tp=tp, pp=pp, dtype=dtype, vocab_multiple=vocab_multiple)
     else:

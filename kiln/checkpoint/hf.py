@@ -1,9 +1,11 @@
-"""Hugging Face Llama <-> kiln: names, config and the RoPE permutation.
+"""Hugging Face Llama, Mistral and Qwen2 <-> kiln: names, config and the RoPE permutation.
 
 Hugging Face's Llama applies RoPE by rotating halves of each head; kiln (like Meta's reference)
-rotates interleaved pairs. Both compute the same attention if the q and k projection rows are
-permuted, which is all that differs besides the names. Tensors move one at a time: the writer
-fills a shard until `max_shard_size` and flushes it; the reader opens safetensors lazily.
+rotates interleaved pairs. Both compute the same attention if the q and k projection rows (and
+their biases) are permuted, which is all that differs besides the names. Mistral is Llama with a
+sliding attention window, Qwen2 is Llama with q/k/v biases; kiln holds all three as one model with
+options and writes the family that has exactly those options. Tensors move one at a time: the
+writer fills a shard until `max_shard_size` and flushes it; the reader opens safetensors lazily.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from safetensors.torch import save_file
 
 from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
                                     interleaved_to_half, iter_checked, kiln_shapes, n_kv_heads)
-from kiln.config import Config, ConfigError, ModelConfig
+from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.errors import KilnError
 
 INDEX = "model.safetensors.index.json"
@@ -27,18 +29,25 @@ SINGLE = "model.safetensors"
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _LAYER_MAP = {
     "attention_norm.weight": "input_layernorm.weight",
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
 }
+for _kiln, _hf in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_attn.k_proj"),
+                   ("attention.wv", "self_attn.v_proj"), ("attention.wo", "self_attn.o_proj"),
+                   ("feed_forward.w1", "mlp.gate_proj"), ("feed_forward.w3", "mlp.up_proj"),
+                   ("feed_forward.w2", "mlp.down_proj")):
+    for _kind in ("weight", "bias"):
+        _LAYER_MAP[f"{_kiln}.{_kind}"] = f"{_hf}.{_kind}"
 _TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# Options of `RopeScalingConfig` written to / read from config.json for each rope type.
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                       "mscale_all_dim", "attention_factor", "truncate")}
+
+_YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0, "truncate": True}  # transformers' defaults: not written
 
 
 def hf_name(name: str) -> str:
@@ -51,17 +60,17 @@ def hf_name(name: str) -> str:
 
 
 def to_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
-    if name.endswith("attention.wq.weight"):
+    if name.endswith(("attention.wq.weight", "attention.wq.bias")):
         return interleaved_to_half(t, m.n_heads)
-    if name.endswith("attention.wk.weight"):
+    if name.endswith(("attention.wk.weight", "attention.wk.bias")):
         return interleaved_to_half(t, n_kv_heads(m))
     return t
 
 
 def from_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
-    if name.endswith("attention.wq.weight"):
+    if name.endswith(("attention.wq.weight", "attention.wq.bias")):
         return half_to_interleaved(t, m.n_heads)
-    if name.endswith("attention.wk.weight"):
+    if name.endswith(("attention.wk.weight", "attention.wk.bias")):
         return half_to_interleaved(t, n_kv_heads(m))
     return t
 
@@ -69,11 +78,37 @@ def from_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
 # ---------------------------------------------------------------- config
 
 
-def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Optional[int]]) -> dict[str, Any]:
-    """config.json for `LlamaForCausalLM`; RoPE theta in both the old and the new (5.x) key."""
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+def hf_family(m: ModelConfig) -> str:
+    """The transformers family that has exactly this model's options (llama, mistral or qwen2)."""
+    if m.attention_window is not None:
+        if m.attention_bias or m.qkv_bias or m.mlp_bias:
+            raise KilnError("model.attention_window: no Hugging Face family has a sliding window and biases "
+                            "(Mistral has no biases); cannot export")
+        return "mistral"
+    if m.qkv_bias and not m.attention_bias and not m.mlp_bias:
+        return "qwen2"
+    return "llama"
+
+
+def hf_rope(m: ModelConfig) -> dict[str, Any]:
+    """`rope_parameters` (transformers 5) == `rope_scaling` plus rope_theta (transformers 4)."""
+    r = m.rope_scaling
+    if r is None:
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    out = {"rope_type": r.type, "rope_theta": m.rope_theta}
+    out.update({k: getattr(r, k) for k in _ROPE_KEYS[r.type]
+                if getattr(r, k) is not None and _YARN_DEFAULTS.get(k) != getattr(r, k)})
+    return out
+
+
+def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Any]) -> dict[str, Any]:
+    """config.json for the model's family; RoPE in both the transformers 4 keys (`rope_theta`,
+    `rope_scaling`) and the transformers 5 key (`rope_parameters`)."""
+    family = hf_family(m)
+    rope = hf_rope(m)
+    config = {
+        "architectures": [FAMILIES[family]],
+        "model_type": family,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
         "intermediate_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
@@ -86,19 +121,26 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Optional[in
         "initializer_range": m.init_std,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
-        "rope_scaling": None,
-        "attention_bias": False,
+        "rope_parameters": rope,
+        "rope_scaling": None if m.rope_scaling is None else rope,
         "attention_dropout": 0.0,
-        "mlp_bias": False,
-        "pretraining_tp": 1,
         "tie_word_embeddings": m.tie_embeddings,
         "use_cache": True,
         "torch_dtype": _DTYPE_NAMES[dtype],
+        "dtype": _DTYPE_NAMES[dtype],
         "bos_token_id": special.get("bos"),
         "eos_token_id": special.get("eos"),
         "pad_token_id": special.get("pad"),
     }
+    if family == "llama":
+        config.update(attention_bias=m.attention_bias, mlp_bias=m.mlp_bias, pretraining_tp=1)
+    elif family == "mistral":
+        config.update(sliding_window=m.attention_window)
+    else:
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
+        if m.head_dim is None:
+            del config["head_dim"]  # as in Qwen's own configs; transformers derives it
+    return config
 
 
 def _need(hf: dict, key: str, origin: str) -> Any:
@@ -107,21 +149,74 @@ def _need(hf: dict, key: str, origin: str) -> Any:
     return hf[key]
 
 
+def rope_from_hf(hf: dict, origin: str) -> tuple[float, Optional[RopeScalingConfig]]:
+    """(theta, scaling) from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (4)."""
+    key = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    rope = hf.get(key) or {}
+    if not isinstance(rope, dict):
+        raise ConfigError(f"{origin}:{key}", f"expected a mapping, got {rope!r}")
+    type_key = "rope_type" if "rope_type" in rope or "type" not in rope else "type"
+    rope_type = rope.get(type_key, "default")
+    theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise ConfigError(f"{origin}:{key}.partial_rotary_factor", "partial rotary embeddings are not supported by kiln")
+    if rope_type == "default":
+        return theta, None
+    if rope_type not in _ROPE_KEYS:
+        raise ConfigError(f"{origin}:{key}.{type_key}", f"{rope_type!r} RoPE scaling is not supported by kiln "
+                          f"(supported: default, {', '.join(_ROPE_KEYS)})")
+    values: dict[str, Any] = {}
+    for name in _ROPE_KEYS[rope_type]:
+        if rope.get(name) is not None:
+            values[name] = rope[name]
+    if "factor" not in values:
+        raise ConfigError(f"{origin}:{key}.factor", f"missing; {rope_type} RoPE scaling needs it")
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in values:
+        if rope_type == "llama3" or hf.get("max_position_embeddings") is None:
+            raise ConfigError(f"{origin}:{key}.original_max_position_embeddings", f"missing; {rope_type} needs it")
+        values["original_max_position_embeddings"] = hf["max_position_embeddings"]  # transformers' fallback
+    try:
+        scaling = RopeScalingConfig(type=rope_type, **{k: (bool(v) if k == "truncate" else
+                                                          int(v) if k == "original_max_position_embeddings" else
+                                                          float(v)) for k, v in values.items()})
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{origin}:{key}", f"cannot read {rope_type} RoPE scaling: {exc}") from None
+    return theta, scaling
+
+
+def _window_from_hf(hf: dict, family: str, origin: str) -> Optional[int]:
+    layers = hf.get("num_hidden_layers", 0)
+    if family == "llama":
+        return None
+    if family == "mistral":
+        types = hf.get("layer_types")
+        if types and len(set(types)) > 1:
+            raise ConfigError(f"{origin}:layer_types", "alternating full/sliding attention is not supported by kiln")
+        return hf.get("sliding_window")
+    if not hf.get("use_sliding_window", False):
+        return None
+    first_windowed = hf.get("max_window_layers", layers)
+    if first_windowed >= layers:
+        return None
+    if first_windowed > 0:
+        raise ConfigError(f"{origin}:max_window_layers", "a sliding window on only some layers is not supported by kiln")
+    return hf.get("sliding_window")
+
+
 def kiln_config_from_hf(hf: dict, origin: str, name: str) -> Config:
-    """A kiln Config whose model matches the Llama config.json; refuses features kiln lacks."""
-    if hf.get("model_type") != "llama":
-        raise ConfigError(f"{origin}:model_type", f"{hf.get('model_type')!r} is not 'llama'")
-    for key, ok in (("attention_bias", False), ("mlp_bias", False), ("hidden_act", "silu")):
-        if hf.get(key, ok) != ok:
-            raise ConfigError(f"{origin}:{key}", f"{hf[key]!r} is not supported by kiln (needs {ok!r})")
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ConfigError(f"{origin}:rope_parameters.rope_type", f"{rope_type!r} RoPE scaling is not supported by kiln")
+    """A kiln Config whose model matches a Llama, Mistral or Qwen2 config.json; refuses any
+    setting that changes the math and that kiln lacks, naming its key."""
+    family = hf.get("model_type")
+    if family not in FAMILIES:
+        raise ConfigError(f"{origin}:model_type", f"{family!r} is not one of {', '.join(FAMILIES)}")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{origin}:hidden_act", f"{hf['hidden_act']!r} is not supported by kiln (needs 'silu')")
+    theta, scaling = rope_from_hf(hf, origin)
     d_model, heads = _need(hf, "hidden_size", origin), _need(hf, "num_attention_heads", origin)
-    if hf.get("head_dim") not in (None, d_model // heads):
-        raise ConfigError(f"{origin}:head_dim", f"{hf['head_dim']} != hidden_size/num_attention_heads; not supported")
+    hd = hf.get("head_dim")
     kv = hf.get("num_key_value_heads") or heads
+    bias = dict(attention_bias=bool(hf.get("attention_bias", False)), mlp_bias=bool(hf.get("mlp_bias", False))) \
+        if family == "llama" else dict(qkv_bias=family == "qwen2")
     model = ModelConfig(
         name=name,
         vocab_size=_need(hf, "vocab_size", origin),
@@ -131,10 +226,14 @@ def kiln_config_from_hf(hf: dict, origin: str, name: str) -> Config:
         n_kv_heads=None if kv == heads else kv,
         ffn_dim=_need(hf, "intermediate_size", origin),
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_theta=theta,
         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         init_std=float(hf.get("initializer_range", 0.02)),
+        head_dim=None if hd in (None, d_model // heads) and d_model % heads == 0 else int(hd),
+        rope_scaling=scaling,
+        attention_window=_window_from_hf(hf, family, origin),
+        **bias,
     )
     cfg = Config(model=model)
     cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
@@ -233,9 +332,55 @@ def _special_tokens(tokenizer_json: Path, special: dict[str, Optional[int]]) -> 
     return {f"{k}_token": v for k, v in names.items() if v is not None}
 
 
+EXTRAS = "hf_extras"  # in an imported kiln run dir: what the model needs besides weights
+SPECIAL = "special_tokens.json"
+_CARRIED = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "tokenizer.model", "chat_template.jinja")
+
+
+def save_extras(source: "HFSource", run_dir: Path) -> Path:
+    """Keep an imported checkpoint's special-token ids, generation config and tokenizer beside the
+    kiln run, so that exporting it (or a run started from it) gives them back."""
+    out = Path(run_dir) / EXTRAS
+    out.mkdir(parents=True, exist_ok=True)
+    for name in _CARRIED:
+        if (source.path / name).is_file():
+            shutil.copyfile(source.path / name, out / name)
+    (out / SPECIAL).write_text(json.dumps(source.special, indent=2) + "\n")
+    return out
+
+
+def extras_dir(source: Source) -> Optional[Path]:
+    """The imported extras for `source`: the HF directory itself, the kiln run's `hf_extras/`, or
+    that of the run named by `checkpoint.init_from` (a run fine-tuned from an import)."""
+    if isinstance(source, HFSource):
+        return source.path
+    candidates = []
+    step_dir = getattr(source, "step_dir", None)
+    if step_dir is not None:
+        candidates.append(Path(step_dir).parent.parent / EXTRAS)
+    init = source.cfg.checkpoint.init_from
+    if init:
+        candidates += [Path(init) / EXTRAS, Path(init).parent.parent / EXTRAS]
+    return next((c for c in candidates if (c / SPECIAL).is_file()), None)
+
+
+def _read_special(extras: Path, source: Source) -> dict[str, Any]:
+    if isinstance(source, HFSource):
+        return source.special
+    try:
+        found = json.loads((extras / SPECIAL).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise KilnError(f"{extras / SPECIAL}: cannot read ({exc})") from None
+    return {k: found.get(k) for k in ("bos", "eos", "pad")}
+
+
 def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", dtype: str | None = None) -> list[str]:
-    """Write `source` as a Hugging Face Llama directory; returns the files written."""
+    """Write `source` as a Hugging Face Llama, Mistral or Qwen2 directory; returns the files written.
+    Special tokens, generation config and tokenizer come from the import the weights started from,
+    else from the training data's tokenizer; torch_dtype says how the weights are stored."""
     cfg, m = source.cfg, source.cfg.model
+    family = hf_family(m)  # refuse before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, parse_size(max_shard_size))
     out_dtype = None
@@ -246,12 +391,22 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
         out_dtype = out_dtype or t.dtype
         writer.add(hf_name(name), to_hf_tensor(name, t, m))
     files = writer.close()
-    data_dir = _tokenizer_dir(cfg)
-    special = _special_ids(data_dir)
-    (out_dir / "config.json").write_text(json.dumps(hf_config(m, out_dtype, special), indent=2) + "\n")
-    gen = {"_from_model_config": True, **{f"{k}_token_id": v for k, v in special.items()}}
-    (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    files += ["config.json", "generation_config.json"]
+    extras = extras_dir(source)
+    data_dir = None if extras is not None else _tokenizer_dir(cfg)
+    special = _read_special(extras, source) if extras is not None else _special_ids(data_dir)
+    config = hf_config(m, out_dtype, special)
+    assert config["model_type"] == family
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files.append("config.json")
+    if extras is not None:
+        for name in _CARRIED:
+            if (extras / name).is_file() and not (out_dir / name).exists():
+                shutil.copyfile(extras / name, out_dir / name)
+                files.append(name)
+    if not (out_dir / "generation_config.json").exists():
+        gen = {"_from_model_config": True, **{f"{k}_token_id": v for k, v in special.items() if v is not None}}
+        (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        files.append("generation_config.json")
     if data_dir is not None:
         shutil.copyfile(data_dir / "tokenizer.json", out_dir / "tokenizer.json")
         tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": m.max_seq_len,
@@ -278,6 +433,13 @@ class HFSource:
         except (OSError, json.JSONDecodeError) as exc:
             raise KilnError(f"{self.path / 'config.json'}: cannot read ({exc})") from None
         self.cfg = kiln_config_from_hf(hf, str(self.path / "config.json"), name=self.path.name)
+        gen = {}
+        if (self.path / "generation_config.json").is_file():
+            try:
+                gen = json.loads((self.path / "generation_config.json").read_text())
+            except json.JSONDecodeError as exc:
+                raise KilnError(f"{self.path / 'generation_config.json'}: cannot read ({exc})") from None
+        self.special = {k: hf.get(f"{k}_token_id", gen.get(f"{k}_token_id")) for k in ("bos", "eos", "pad")}
         if (self.path / INDEX).is_file():
             weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
         else:
@@ -290,7 +452,7 @@ class HFSource:
         extra = sorted(k for k in weight_map if k not in known and not k.endswith("rotary_emb.inv_freq"))
         if extra:
             raise KilnError(f"{self.path}: tensor {extra[0]} has no kiln counterpart "
-                            f"({len(extra)} unexpected tensors; is this a plain Llama checkpoint?)")
+                            f"({len(extra)} unexpected tensors; is this a plain Llama, Mistral or Qwen2 checkpoint?)")
 
     def get(self, name: str) -> torch.Tensor:
         key = hf_name(name)

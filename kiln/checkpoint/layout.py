@@ -8,7 +8,7 @@ import torch
 
 import dataclasses
 
-from kiln.config import Config, ModelConfig, validate
+from kiln.config import Config, ModelConfig, head_dim as _head_dim, validate
 from kiln.errors import KilnError
 
 
@@ -37,7 +37,7 @@ def validate_model(cfg: Config) -> None:
 
 
 def head_dim(m: ModelConfig) -> int:
-    return m.d_model // m.n_heads
+    return _head_dim(m)
 
 
 def n_kv_heads(m: ModelConfig) -> int:
@@ -53,13 +53,18 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], orig
 
 def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Reorder q/k projection rows from Meta's interleaved RoPE pairs (x0,x1),(x2,x3).. to the
-    rotate-half layout (first half, second half) used by Hugging Face and Megatron-Core."""
+    rotate-half layout (first half, second half) used by Hugging Face and Megatron-Core.
+    A bias (1-D) is permuted like the rows it belongs to."""
+    if w.dim() == 1:
+        return interleaved_to_half(w[:, None], n_heads)[:, 0]
     rows, cols = w.shape
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
 def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     """Inverse of `interleaved_to_half`."""
+    if w.dim() == 1:
+        return half_to_interleaved(w[:, None], n_heads)[:, 0]
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 

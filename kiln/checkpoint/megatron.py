@@ -23,19 +23,20 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
                                     interleaved_to_half, kiln_shapes, n_kv_heads)
-from kiln.config import Config, ConfigError, ModelConfig
+from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.errors import KilnError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FILE = "model_optim_rng.pt"
 META_KEY = "kiln_megatron"
 SIDECAR = "megatron_config.json"
+DIST_METADATA = "metadata.json"  # a dist_checkpointing (torch_dist) directory
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
 _LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
 _KNOWN = re.compile(r"^(embedding\.word_embeddings\.weight|decoder\.final_layernorm\.weight|output_layer\.weight"
@@ -54,9 +55,34 @@ def padded_vocab(vocab: int, tp: int, multiple: int) -> int:
     return math.ceil(vocab / step) * step
 
 
+# Megatron-Core's llama3 RoPE scaling takes only the factor; the rest is fixed at Llama 3.1's values.
+_MCORE_LLAMA3 = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def megatron_rope(m: ModelConfig) -> dict[str, Any]:
+    """GPTModel's RoPE-scaling arguments for kiln's rope_scaling, or a one-line refusal."""
+    r = m.rope_scaling
+    if r is None:
+        return {"rope_scaling": False, "rope_scaling_factor": 8.0, "seq_len_interpolation_factor": None}
+    if r.type == "linear":  # Megatron divides positions by the factor: the same angles
+        return {"rope_scaling": False, "rope_scaling_factor": 8.0, "seq_len_interpolation_factor": r.factor}
+    if r.type == "llama3" and all(getattr(r, k) == v for k, v in _MCORE_LLAMA3.items()):
+        return {"rope_scaling": True, "rope_scaling_factor": r.factor, "seq_len_interpolation_factor": None}
+    raise KilnError(f"model.rope_scaling: {r.type} RoPE scaling with these parameters has no Megatron-Core GPTModel "
+                    f"equivalent (it supports llama3 with {_MCORE_LLAMA3} and linear)")
+
+
+def _refuse_unsupported(m: ModelConfig) -> None:
+    for key in ("attention_bias", "qkv_bias", "mlp_bias"):
+        if getattr(m, key):
+            raise KilnError(f"model.{key}: biases are not supported by kiln's Megatron converter")
+    if m.attention_window is not None:
+        raise KilnError("model.attention_window: sliding-window attention is not supported by kiln's Megatron converter")
+
+
 def megatron_meta(m: ModelConfig, tp: int, pp: int, vocab_multiple: int) -> dict[str, Any]:
     """Everything needed to build the matching TransformerConfig and GPTModel (plain data)."""
-    return {
+    return {**megatron_rope(m),
         "num_layers": m.n_layers, "hidden_size": m.d_model, "num_attention_heads": m.n_heads,
         "num_query_groups": n_kv_heads(m), "kv_channels": head_dim(m),
         "ffn_hidden_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
@@ -89,16 +115,7 @@ def write_megatron(source: Source, out: Path, tp: int = 1, pp: int = 1, dtype: O
                    vocab_multiple: int = 128) -> list[str]:
     """Write a TP x PP Megatron-Core checkpoint; one pipeline stage is in memory at a time."""
     m = source.cfg.model
-    kv = n_kv_heads(m)
-    if tp < 1 or pp < 1:
-        raise KilnError("--tp and --pp must be >= 1")
-    if m.n_heads % tp or kv % tp:
-        raise KilnError(f"--tp {tp} must divide the attention heads ({m.n_heads}) and query groups ({kv})")
-    ffn = kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0]
-    if ffn % tp:
-        raise KilnError(f"--tp {tp} must divide the feed-forward size {ffn}")
-    if m.n_layers % pp:
-        raise KilnError(f"--pp {pp} must divide the number of layers ({m.n_layers})")
+    check_writable(m, tp, pp)
     meta = megatron_meta(m, tp, pp, vocab_multiple)
     vocab = meta["padded_vocab_size"]
     per_stage = m.n_layers // pp
@@ -179,15 +196,52 @@ def _checkpoint_dir(path: Path) -> Path:
 
 def is_megatron_dir(path: Path) -> bool:
     path = Path(path)
-    if (path / TRACKER).is_file():
+    if (path / TRACKER).is_file() or (path / DIST_METADATA).is_file():
         return True
     return any(_RANK_DIR.match(p.name) and (p / FILE).is_file() for p in path.iterdir() if p.is_dir())
 
 
-def _load(path: Path) -> dict:
-    """Tensors and plain data only; Megatron-LM's saved args (a Namespace) are allowed too."""
+class MegatronEnum(NamedTuple):
+    """What an enum member in Megatron-LM's `args` reads as: its class's name and its value,
+    without importing megatron or running its code."""
+
+    enum: str
+    value: Any
+
+
+def _enum_stand_in(qualified: str):
+    def make(value: Any) -> MegatronEnum:
+        return MegatronEnum(qualified, value)
+    return make
+
+
+def _numpy_globals() -> list:
+    """numpy's RNG state (`np_rng_state`, a uint32 array) as Megatron-LM saves it: the array
+    rebuild function under its numpy 2 and numpy 1 names, ndarray, dtype and the uint32 dtype's
+    class (whose state BUILD sets); nothing else of numpy."""
+    import numpy as np
+
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return [(_reconstruct, "numpy._core.multiarray._reconstruct"), (_reconstruct, "numpy.core.multiarray._reconstruct"),
+            np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+_ENUMS = ("megatron.core.transformer.enums.AttnBackend",)  # `args.attention_backend`
+
+
+def safe_globals() -> list:
+    """The exact allowlist for Megatron files on top of torch's weights-only set: the `args`
+    Namespace, numpy's RNG state and the enum classes Megatron-LM stores in `args` (as stand-ins)."""
+    return [argparse.Namespace, *_numpy_globals(), *[(_enum_stand_in(q), q) for q in _ENUMS]]
+
+
+def _load(path: Path) -> dict:
+    """Tensors and plain data only, plus `safe_globals()` (Megatron-LM's args and RNG state)."""
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # UnpicklingError, RuntimeError on a truncated zip, ...
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -197,43 +251,93 @@ def _load(path: Path) -> dict:
 def _meta_from_args(args: Any, path: Path) -> dict[str, Any]:
     """Model settings from a Megatron-LM checkpoint's `args`."""
     a = vars(args)
-    need = ("num_layers", "hidden_size", "num_attention_heads")
+    need = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size")
     for key in need:
         if a.get(key) is None:
             raise KilnError(f"{path}: args.{key} missing; cannot tell the model shape")
     heads = a["num_attention_heads"]
-    checks = {"swiglu": True, "add_bias_linear": False, "normalization": "RMSNorm", "position_embedding_type": "rope"}
+    checks = {"swiglu": True, "add_bias_linear": False, "add_qkv_bias": False, "normalization": "RMSNorm",
+              "position_embedding_type": "rope", "rotary_percent": 1.0, "qk_layernorm": False, "num_experts": None,
+              "multi_latent_attention": False, "window_size": None, "apply_layernorm_1p": False,
+              "layernorm_zero_centered_gamma": False, "softmax_scale": None}
+    # absent from args means Megatron-LM's default, which for these three is not what kiln computes
+    defaults = {"swiglu": False, "normalization": "LayerNorm", "position_embedding_type": "learned_absolute"}
     for key, ok in checks.items():
-        if key in a and a[key] != ok:
-            raise KilnError(f"{path}: args.{key}={a[key]!r} is not supported by kiln (needs {ok!r})")
+        value = a.get(key, defaults.get(key, ok))
+        if value != ok:
+            raise KilnError(f"{path}: args.{key}={value!r} is not supported by kiln (needs {ok!r})")
+    interp = a.get("rotary_seq_len_interpolation_factor")
     return {
+        "rope_scaling": bool(a.get("use_rope_scaling", False)), "rope_scaling_factor": a.get("rope_scaling_factor", 8.0),
+        "seq_len_interpolation_factor": interp,
         "num_layers": a["num_layers"], "hidden_size": a["hidden_size"], "num_attention_heads": heads,
         "num_query_groups": a.get("num_query_groups") if a.get("group_query_attention") else heads,
         "kv_channels": a.get("kv_channels") or a["hidden_size"] // heads,
         "ffn_hidden_size": a.get("ffn_hidden_size"), "layernorm_epsilon": a.get("norm_epsilon", 1e-5),
         "rotary_base": a.get("rotary_base", 10000), "rotary_interleaved": a.get("rotary_interleaved", False),
-        "vocab_size": a.get("padded_vocab_size"), "padded_vocab_size": a.get("padded_vocab_size"),
+        # the tokenizer's real vocab when Megatron-LM recorded it; padding rows beyond it are dropped
+        "vocab_size": a.get("vocab_size") or a.get("padded_vocab_size"), "padded_vocab_size": a.get("padded_vocab_size"),
         "max_sequence_length": a.get("max_position_embeddings") or a.get("seq_length") or 2048,
         "share_embeddings_and_output_weights": not a.get("untie_embeddings_and_output_weights", False),
         "init_method_std": a.get("init_method_std", 0.02),
     }
 
 
+def _rope_from_meta(meta: dict[str, Any]) -> Optional[RopeScalingConfig]:
+    if meta.get("rope_scaling"):
+        return RopeScalingConfig(type="llama3", factor=float(meta.get("rope_scaling_factor") or 8.0), **_MCORE_LLAMA3)
+    if meta.get("seq_len_interpolation_factor"):
+        return RopeScalingConfig(type="linear", factor=float(meta["seq_len_interpolation_factor"]))
+    return None
+
+
 def _config_from_meta(meta: dict[str, Any], origin: str) -> Config:
-    if meta.get("kv_channels") not in (None, meta["hidden_size"] // meta["num_attention_heads"]):
-        raise ConfigError(f"{origin}:kv_channels", "must equal hidden_size / num_attention_heads for kiln")
+    for key, ok in (("rotary_percent", 1.0), ("normalization", "RMSNorm"), ("gated_linear_unit", True),
+                    ("add_bias_linear", False), ("position_embedding_type", "rope")):
+        if meta.get(key, ok) != ok:
+            raise ConfigError(f"{origin}:{key}", f"{meta[key]!r} is not supported by kiln (needs {ok!r})")
     heads, groups = meta["num_attention_heads"], meta.get("num_query_groups") or meta["num_attention_heads"]
+    kv_channels = meta.get("kv_channels")
+    default_hd = meta["hidden_size"] // heads if meta["hidden_size"] % heads == 0 else None
     model = ModelConfig(
         name=Path(origin).name, vocab_size=meta["vocab_size"], d_model=meta["hidden_size"],
         n_layers=meta["num_layers"], n_heads=heads, n_kv_heads=None if groups == heads else groups,
         ffn_dim=meta["ffn_hidden_size"], norm_eps=float(meta["layernorm_epsilon"]),
         rope_theta=float(meta["rotary_base"]), max_seq_len=int(meta["max_sequence_length"]),
         tie_embeddings=bool(meta["share_embeddings_and_output_weights"]),
-        init_std=float(meta.get("init_method_std", 0.02)))
+        init_std=float(meta.get("init_method_std", 0.02)),
+        head_dim=None if kv_channels in (None, default_hd) else int(kv_channels),
+        rope_scaling=_rope_from_meta(meta))
     cfg = Config(model=model)
     cfg.data.seq_len = min(cfg.data.seq_len, model.max_seq_len)
     validate_model(cfg)
     return cfg
+
+
+def split_qkv(qkv: torch.Tensor, m: ModelConfig, key: str, meta: dict, origin: str) -> dict[str, torch.Tensor]:
+    """A full (all TP ranks) fused linear_qkv weight -> kiln's wq, wk, wv (interleaved RoPE rows)."""
+    groups, hd = n_kv_heads(m), head_dim(m)
+    check_shape(key, qkv, ((m.n_heads + 2 * groups) * hd, m.d_model), origin)
+    q, k, v = torch.split(qkv.reshape(groups, -1, m.d_model), [m.n_heads // groups * hd, hd, hd], dim=1)
+    q, k, v = (t.reshape(-1, m.d_model) for t in (q, k, v))
+    if not meta.get("rotary_interleaved", False):
+        q, k = half_to_interleaved(q, m.n_heads), half_to_interleaved(k, groups)
+    return {"wq": q, "wk": k, "wv": v}
+
+
+def check_writable(m: ModelConfig, tp: int, pp: int) -> None:
+    """What both Megatron writers require of the model and the layout."""
+    _refuse_unsupported(m)
+    kv = n_kv_heads(m)
+    if tp < 1 or pp < 1:
+        raise KilnError("--tp and --pp must be >= 1")
+    if m.n_heads % tp or kv % tp:
+        raise KilnError(f"--tp {tp} must divide the attention heads ({m.n_heads}) and query groups ({kv})")
+    ffn = kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0]
+    if ffn % tp:
+        raise KilnError(f"--tp {tp} must divide the feed-forward size {ffn}")
+    if m.n_layers % pp:
+        raise KilnError(f"--pp {pp} must divide the number of layers ({m.n_layers})")
 
 
 class MegatronSource:
@@ -314,13 +418,7 @@ class MegatronSource:
         groups, hd = n_kv_heads(m), head_dim(m)
         key = f"decoder.layers.{j}.self_attention.linear_qkv.weight"
         qkv = self._cat(stage, key, 0)
-        expected = ((m.n_heads + 2 * groups) * hd, m.d_model)
-        check_shape(key, qkv, expected, str(self.path))
-        q, k, v = torch.split(qkv.reshape(groups, -1, m.d_model), [m.n_heads // groups * hd, hd, hd], dim=1)
-        q, k, v = (t.reshape(-1, m.d_model) for t in (q, k, v))
-        if not self.meta.get("rotary_interleaved", False):
-            q, k = half_to_interleaved(q, m.n_heads), half_to_interleaved(k, groups)
-        self._qkv_cache = (i, {"wq": q, "wk": k, "wv": v})
+        self._qkv_cache = (i, split_qkv(qkv, m, key, self.meta, str(self.path)))
         return self._qkv_cache[1]
 
     def get(self, name: str) -> torch.Tensor:

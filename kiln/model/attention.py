@@ -3,6 +3,7 @@
 `flash` is flash-attn's CUDA kernel; `sdpa` is torch's scaled_dot_product_attention (a flash
 kernel on CPU too); `math` is the explicit softmax reference that the others are tested against.
 `doc_ids` (batch, seq) restricts attention to tokens of the same document (block-causal).
+`window` (Mistral's sliding window) lets query i see keys j with i - window < j <= i.
 """
 from __future__ import annotations
 
@@ -46,51 +47,60 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
     return name
 
 
-def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """(batch, 1, seq, seq) bool mask: True where query i may attend key j (j <= i, same doc)."""
-    seq = doc_ids.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool, device=doc_ids.device).tril()
+def causal_mask(seq: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """(seq, seq) bool mask: True where query i may attend key j (j <= i, and i - j < window)."""
+    pos = torch.arange(seq, device=device)
+    dist = pos[:, None] - pos[None, :]
+    return (dist >= 0) & (dist < window) if window is not None else dist >= 0
+
+
+def block_causal_mask(doc_ids: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """(batch, 1, seq, seq) bool mask: causal (and windowed) within each document."""
+    causal = causal_mask(doc_ids.shape[1], doc_ids.device, window)
     same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
     return (causal & same_doc)[:, None]
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str,
-              doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+              doc_ids: torch.Tensor | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention with grouped-query support; returns (batch, seq, heads, head_dim)."""
+    if window is not None and window >= q.shape[1]:
+        window = None  # the window covers the whole sequence: plain causal, the fast path
     if backend == "flash":
-        return _flash(q, k, v, doc_ids)
+        return _flash(q, k, v, doc_ids, window)
     if backend == "sdpa":
-        return _sdpa(q, k, v, doc_ids)
-    return _math(q, k, v, doc_ids)
+        return _sdpa(q, k, v, doc_ids, window)
+    return _math(q, k, v, doc_ids, window)
 
 
-def _sdpa(q, k, v, doc_ids):
+def _sdpa(q, k, v, doc_ids, window=None):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     gqa = q.shape[1] != k.shape[1]
-    if doc_ids is None:
+    if doc_ids is None and window is None:
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc_ids), enable_gqa=gqa)
+        mask = causal_mask(q.shape[2], q.device, window) if doc_ids is None else block_causal_mask(doc_ids, window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     return out.transpose(1, 2)
 
 
-def _math(q, k, v, doc_ids):
+def _math(q, k, v, doc_ids, window=None):
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     rep = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    seq = q.shape[2]
-    mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril() if doc_ids is None \
-        else block_causal_mask(doc_ids)
+    mask = causal_mask(q.shape[2], q.device, window) if doc_ids is None else block_causal_mask(doc_ids, window)
     scores = scores.masked_fill(~mask, float("-inf"))
     out = torch.softmax(scores.float(), dim=-1).to(v.dtype) @ v
     return out.transpose(1, 2)
 
 
-def _flash(q, k, v, doc_ids):
+def _flash(q, k, v, doc_ids, window=None):
     flash_attn_func, flash_attn_varlen_func = flash_attn_module()
+    # flash-attn's window_size=(left, right) counts keys beside the query itself; -1 means unbounded.
+    window_size = (-1, -1) if window is None else (window - 1, 0)
     if doc_ids is None:
-        return flash_attn_func(q, k, v, causal=True)
+        return flash_attn_func(q, k, v, causal=True, window_size=window_size)
     # Block-causal: every document becomes its own variable-length sequence.
     bsz, seq = doc_ids.shape
     starts = torch.ones_like(doc_ids, dtype=torch.bool)
@@ -100,5 +110,5 @@ def _flash(q, k, v, doc_ids):
     max_len = int((cu[1:] - cu[:-1]).max())
     out = flash_attn_varlen_func(
         q.reshape(bsz * seq, *q.shape[2:]), k.reshape(bsz * seq, *k.shape[2:]),
-        v.reshape(bsz * seq, *v.shape[2:]), cu, cu, max_len, max_len, causal=True)
+        v.reshape(bsz * seq, *v.shape[2:]), cu, cu, max_len, max_len, causal=True, window_size=window_size)
     return out.reshape(q.shape)

@@ -4,6 +4,8 @@ No distributed code lives here. Parallelism is applied from outside (kiln.parall
 why the blocks sit in a ModuleDict keyed by layer index (pipeline stages delete entries and
 keep stable names) and why embedding, final norm and output may be None on a pipeline stage.
 Parameter names follow Meta's reference layout; RoPE uses its interleaved-pair convention.
+Optional variants of real checkpoints: explicit head_dim, q/k/v/o and MLP biases, RoPE scaling
+(llama3, linear, yarn) and a sliding attention window (Mistral).
 """
 from __future__ import annotations
 
@@ -13,15 +15,62 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.config import ModelConfig, ffn_dim
+from kiln.config import ModelConfig, RopeScalingConfig, ffn_dim, head_dim as head_dim_of
 from kiln.model.attention import attention, resolve_backend
 
 
-def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> torch.Tensor:
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (head_dim/2,) and the attention factor that scales cos/sin. Computed in
+    fp32 with the published formulas, in the same order of operations as Hugging Face transformers,
+    so that converted checkpoints reproduce its logits at long range too."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is None:
+        return inv_freq, 1.0
+    factor = scaling.factor
+    if scaling.type == "linear":  # positions / factor == frequencies / factor
+        return inv_freq / factor, 1.0
+    if scaling.type == "llama3":  # Llama 3.1: long wavelengths / factor, short kept, smooth in between
+        old_len = scaling.original_max_position_embeddings
+        low_wavelen, high_wavelen = old_len / scaling.low_freq_factor, old_len / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # YaRN (Peng et al. 2023): interpolate low frequencies, keep high ones, ramp between them.
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attn = scaling.attention_factor
+    if attn is None:
+        attn = mscale(factor, scaling.mscale) / mscale(factor, scaling.mscale_all_dim) \
+            if scaling.mscale and scaling.mscale_all_dim else mscale(factor)
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(scaling.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(scaling.beta_fast), correction_dim(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    high = high + 0.001 if low == high else high
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    pos_freqs = theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv, float(attn)
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScalingConfig | None = None) -> torch.Tensor:
     """(max_seq_len, head_dim/2, 2) cos/sin table for rotating interleaved pairs."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return torch.stack([angles.cos(), angles.sin()], dim=-1).float()
+    inv_freq, attn_factor = rope_frequencies(head_dim, theta, scaling)
+    angles = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return torch.stack([angles.cos() * attn_factor, angles.sin() * attn_factor], dim=-1)
+
+
+def model_rope_cache(cfg: ModelConfig) -> torch.Tensor:
+    return rope_cache(head_dim_of(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -50,12 +99,14 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = cfg.d_model // cfg.n_heads
+        self.head_dim = head_dim_of(cfg)
         self.backend = cfg.attention
-        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=False)
+        self.window = cfg.attention_window
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
+        self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attention_bias)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
@@ -65,7 +116,7 @@ class Attention(nn.Module):
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
         backend = resolve_backend(self.backend, q.device, q.dtype)
-        out = attention(q, k, v, backend, doc_ids)
+        out = attention(q, k, v, backend, doc_ids, self.window)
         return self.wo(out.reshape(bsz, seq, -1))
 
 
@@ -73,9 +124,9 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = ffn_dim(cfg)
-        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
-        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)  # down
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -102,26 +153,32 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.output.weight = self.tok_embeddings.weight
-        head_dim = cfg.d_model // cfg.n_heads
-        self.register_buffer("rope", rope_cache(head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.tie_weights()
+        self.register_buffer("rope", model_rope_cache(cfg), persistent=False)
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the output. Called again by `init_weights` because
+        `to_empty()` (meta -> device) gives each module a new Parameter and so unties them."""
+        if self.cfg.tie_embeddings and self.output is not None and self.tok_embeddings is not None:
+            self.output.weight = self.tok_embeddings.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Normal(0, init_std) everywhere; residual-output projections scaled by 1/sqrt(2L)
-        (GPT-2) so the residual stream's variance does not grow with depth."""
+        (GPT-2) so the residual stream's variance does not grow with depth. Biases start at zero."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-        head_dim = self.cfg.d_model // self.cfg.n_heads
-        self.rope.copy_(rope_cache(head_dim, self.cfg.max_seq_len, self.cfg.rope_theta).to(self.rope.device))
+        self.tie_weights()
+        self.rope.copy_(model_rope_cache(self.cfg).to(self.rope.device))
         for name, module in self.named_modules():
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
                 is_out = name.endswith(("attention.wo", "feed_forward.w2"))
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab). On a pipeline stage without
@@ -135,10 +192,16 @@ class Transformer(nn.Module):
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Exact parameter count from the shape: V d (1 or 2) + L (2d^2 + 2 d d_kv + 3 d d_ff + 2d) + d."""
-    d, L, V = cfg.d_model, cfg.n_layers, cfg.vocab_size
-    d_kv = (cfg.n_kv_heads or cfg.n_heads) * (d // cfg.n_heads)
-    per_layer = 2 * d * d + 2 * d * d_kv + 3 * d * ffn_dim(cfg) + 2 * d
+    """Exact parameter count from the shape: V d (1 or 2) + L (2 d d_q + 2 d d_kv + 3 d d_ff + 2d + biases) + d,
+    with d_q = heads * head_dim and d_kv = kv_heads * head_dim."""
+    d, L, V, f = cfg.d_model, cfg.n_layers, cfg.vocab_size, ffn_dim(cfg)
+    d_q = cfg.n_heads * head_dim_of(cfg)
+    d_kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim_of(cfg)
+    per_layer = 2 * d * d_q + 2 * d * d_kv + 3 * d * f + 2 * d
+    if cfg.attention_bias or cfg.qkv_bias:
+        per_layer += d_q + 2 * d_kv
+    per_layer += d if cfg.attention_bias else 0
+    per_layer += 2 * f + d if cfg.mlp_bias else 0
     return V * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
 
 
@@ -146,5 +209,4 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """PaLM model FLOPs per trained token: 6N + 12 L H Q T (Chowdhery et al. 2022, App. B).
     N excludes the input embedding table, which is a lookup, not a matmul."""
     n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-    head_dim = cfg.d_model // cfg.n_heads
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim * seq_len
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len
