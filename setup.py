@@ -1,4 +1,19 @@
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithConfigs(build_py):
+    """Ship the repository's configs/ inside the package (kiln/configs), so that
+    `kiln train configs/train/quickstart.yaml` finds kiln's recipes from any directory."""
+
+    def run(self):
+        super().run()
+        if not self.dry_run and Path("configs").is_dir():
+            shutil.copytree("configs", Path(self.build_lib) / "kiln" / "configs", dirs_exist_ok=True)
+
 
 setup(
     name="kiln",
@@ -32,5 +47,6 @@ setup(
         "dev": ["pytest>=8", "pytest-timeout", "psutil", "transformers>=4.45", "megatron-core>=0.12",
                 "mpi4py>=4.0", "mpich", "deepspeed>=0.15"],
     },
+    cmdclass={"build_py": BuildPyWithConfigs},
     entry_points={"console_scripts": ["kiln=kiln.cli:main"]},
 )

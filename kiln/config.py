@@ -19,7 +19,11 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kiln.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# kiln's bundled configs: shipped inside the package by setup.py (kiln/configs), or the repository's
+# configs/ in a source checkout.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                               Path(__file__).resolve().parent.parent / "configs") if d.is_dir()),
+                  Path(__file__).resolve().parent.parent / "configs")
 
 
 @dataclass
@@ -207,6 +211,19 @@ def _read_yaml(path: Path, seen: tuple = ()) -> DictConfig:
     return OmegaConf.merge(*parts, raw) if parts else raw
 
 
+def find_config(name: str | Path) -> Path:
+    """A config path as given: relative to the working directory first, then to kiln's bundled
+    configs (with or without a leading `configs/`), so `configs/train/quickstart.yaml` works anywhere."""
+    path = Path(name).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    bundled = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(str(name), f"config file not found (looked in {Path.cwd()} and in kiln's bundled {CONFIG_DIR})")
+
+
 def _resolve_include(parent: Path, name: str) -> Path:
     candidate = parent.parent / name
     if candidate.is_file():
@@ -226,7 +243,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     try:
         merged = schema
         for p in paths:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(p)))
+            merged = OmegaConf.merge(merged, _read_yaml(find_config(p)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, "override must look like key=value")
