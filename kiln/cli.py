@@ -22,6 +22,18 @@ VERB_MODULES = (
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option that has a value by default; options whose default is
+    "unset" (None) or off (flags) say in their own help what that means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and not action.required
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """CONFIG files and key=value overrides, in any order: files merge left to right."""
     parser.add_argument("config", nargs="+" if required else "*", metavar="CONFIG|KEY=VALUE",

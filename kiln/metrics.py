@@ -2,12 +2,26 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+# Loggers whose warnings every rank raises identically, e.g. DTensor's "While redistributing from
+# (_NormPartial(2.0), _NormPartial(2.0)) to (Replicate(), Replicate()) ..." for the gradient norm on
+# a 2-D mesh: one copy (rank 0's) says it all.
+SAME_ON_EVERY_RANK = ("torch.distributed.tensor._redistribute",)
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Leave warnings that every rank repeats to rank 0; errors still print everywhere."""
+    if rank != 0:
+        for name in SAME_ON_EVERY_RANK:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def device_peak_flops(device: torch.device) -> float | None:

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from kiln.checkpoint.manager import CheckpointManager
 from kiln.config import Config, config_hash, grad_accum_steps, run_dir_of, save_run_config, to_yaml
 from kiln.errors import KilnError
-from kiln.metrics import MetricsLogger, device_peak_flops, mfu
+from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import build_optimizer, lr_at, set_lr
 
@@ -94,6 +94,7 @@ def train(cfg: Config) -> dict:
 
     info = detect_rank()
     rank = info.rank
+    quiet_other_ranks(rank)
     check_layout(cfg, info.world_size)  # config errors before any process group exists
     run_dir = run_dir_of(cfg)
     if rank == 0:
