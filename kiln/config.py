@@ -276,7 +276,7 @@ def _absolute_paths(cfg: Config) -> None:
     for item in d.mixture:
         item.path = absolute(item.path)
     if d.prepare is not None:
-        d.prepare.inputs = [i if i == "stdlib" else absolute(i) for i in d.prepare.inputs]
+        d.prepare.inputs = [i if i == "stdlib" or i.startswith("hf:") else absolute(i) for i in d.prepare.inputs]
         if not d.prepare.tokenizer.startswith(("bpe:", "byte")):
             d.prepare.tokenizer = absolute(d.prepare.tokenizer)
     if cfg.checkpoint.init_from:

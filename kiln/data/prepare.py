@@ -127,6 +127,8 @@ def _build_tokenizer(spec: str, files, text_field: str, max_bytes: Optional[int]
         return toks.ByteTokenizer()
     if kind == "file":
         return toks.from_file(arg)
+    if kind == "transformers":
+        return toks.from_transformers(arg)
     t0 = time.time()
     tok = toks.train_bpe((d.text for d in sources.read_documents(files, text_field, max_bytes)), arg)
     log.info("trained %s in %.1fs", tok.name, time.time() - t0)

@@ -3,8 +3,11 @@
 Inputs are files, directories (every file below, sorted), globs (sorted matches) or the word
 `stdlib` (this Python's standard-library `.py` sources, a text corpus present on every machine,
 without tests, installed packages and generated tables: see `stdlib_files`).
-`.jsonl` files hold one document per line in a text field, `.parquet` files one per row of a text
-column, anything else is one plain-text document per file. Order is deterministic: inputs in the
+`.jsonl` files hold one document per line in a text field, `.parquet` and `.arrow` files (Hugging Face
+`datasets` shards) one per row of a text column, anything else is one plain-text document per file.
+Hugging Face datasets come in as their arrow files: a directory written by `save_to_disk` (a
+DatasetDict's `train` split), or `hf:NAME[:SPLIT]`, a dataset that `datasets.load_dataset` finds
+(in the local cache with HF_DATASETS_OFFLINE=1). Order is deterministic: inputs in the
 order given, files sorted within each. Text that is not valid UTF-8 is decoded with U+FFFD
 replacement characters and counted, never dropped silently.
 """
@@ -53,14 +56,58 @@ def is_generated(path: Path) -> bool:
     return GENERATED_HEADER.search(head) is not None
 
 
+HF_PREFIX = "hf:"
+
+
+def saved_dataset_files(directory: Path) -> list[Path]:
+    """The arrow files of a `datasets` `save_to_disk` directory, in row order (a DatasetDict: its train split)."""
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise KilnError(f"data prepare: {directory} is a DatasetDict without a 'train' split "
+                            f"(splits: {', '.join(splits)}); give one split's directory, e.g. {directory / splits[0]}")
+        directory = directory / "train"
+    try:
+        state = json.loads((directory / "state.json").read_text())
+        files = [directory / entry["filename"] for entry in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise KilnError(f"data prepare: {directory}: not a readable `save_to_disk` dataset ({exc})") from None
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise KilnError(f"data prepare: {directory}: missing arrow file {missing[0].name}")
+    return files
+
+
+def hub_dataset_files(spec: str) -> list[Path]:
+    """`hf:NAME[:SPLIT]` (split default train) -> the arrow files `datasets.load_dataset` resolves it to."""
+    name, _, split = spec[len(HF_PREFIX):].partition(":")
+    try:
+        import datasets
+    except ImportError:
+        raise KilnError(f"data prepare: {spec} needs the `datasets` package (pip install 'kiln[hf]')") from None
+    try:
+        ds = datasets.load_dataset(name, split=split or "train")
+    except Exception as exc:  # not cached / not found / offline: datasets says which
+        raise KilnError(f"data prepare: {spec}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if getattr(ds, "_indices", None) is not None or not ds.cache_files:
+        raise KilnError(f"data prepare: {spec}: not backed by arrow files in the cache")
+    return [Path(f["filename"]) for f in ds.cache_files]
+
+
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Resolve files, directories, globs and `stdlib` into an ordered, duplicate-free file list."""
+    """Resolve files, directories, globs, `stdlib`, saved and cached Hugging Face datasets into an
+    ordered, duplicate-free file list."""
     if not inputs:
         raise KilnError("data prepare: no inputs given")
     files: list[Path] = []
     for item in inputs:
         if item == "stdlib":
             found = stdlib_files()
+        elif item.startswith(HF_PREFIX):
+            found = hub_dataset_files(item)
+        elif Path(item).is_dir() and ((Path(item) / "state.json").is_file()
+                                      or (Path(item) / "dataset_dict.json").is_file()):
+            found = saved_dataset_files(Path(item))
         elif Path(item).is_dir():
             found = sorted(p for p in Path(item).rglob("*") if p.is_file())
         elif Path(item).is_file():
@@ -117,6 +164,8 @@ def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
                     raise KilnError(f"{path}:{lineno}: no string field {text_field!r} "
                                     f"(set the text field with --text-field)")
                 yield Document(text, f"{path}:{lineno}", bad)
+    elif suffix == ".arrow":
+        yield from _arrow_documents(path, text_field)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -138,3 +187,32 @@ def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
     else:
         text, bad = _decode(path.read_bytes())
         yield Document(text, str(path), bad)
+
+
+def _arrow_documents(path: Path, text_field: str) -> Iterator[Document]:
+    """Rows of an Arrow IPC file: the stream format `datasets` writes, or the random-access file format."""
+    import pyarrow as pa
+
+    try:
+        source = pa.memory_map(str(path))
+        try:
+            reader = pa.ipc.open_stream(source)
+        except pa.ArrowInvalid:
+            reader = pa.ipc.open_file(source)
+            batches = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        else:
+            batches = iter(reader)
+        names = reader.schema.names
+    except (OSError, pa.ArrowException) as exc:
+        raise KilnError(f"{path}: cannot read arrow ({exc})") from None
+    if text_field not in names:
+        raise KilnError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set --text-field")
+    row = 0
+    for batch in batches:
+        for text in batch.column(names.index(text_field)).to_pylist():
+            row += 1
+            if isinstance(text, bytes):
+                text, bad = _decode(text)
+                yield Document(text, f"{path}#{row}", bad)
+            elif text is not None:
+                yield Document(str(text), f"{path}#{row}")
