@@ -44,7 +44,10 @@ setup(
         "mpi": ["mpi4py>=4.0", "mpich"],
         "megatron": ["megatron-core>=0.12"],
         "hf": ["transformers>=4.45", "datasets>=2.16"],
-        "dev": ["pytest>=8", "pytest-timeout", "psutil", "transformers>=4.45", "datasets>=2.16", "megatron-core>=0.12",
+        # mlflow-skinny: the tracking client and its file store, without the server's dependencies
+        "trackers": ["wandb>=0.17", "mlflow-skinny>=2.10"],
+        "dev": ["pytest>=8", "pytest-timeout", "psutil", "transformers>=4.45", "datasets>=2.16", "wandb>=0.17",
+                "mlflow-skinny>=2.10", "megatron-core>=0.12",
                 "mpi4py>=4.0", "mpich", "deepspeed>=0.15"],
     },
     cmdclass={"build_py": BuildPyWithConfigs},

@@ -12,7 +12,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -160,10 +160,34 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases tracking (`pip install 'kiln[trackers]'`); setting any key turns it on."""
+
+    project: str = "kiln"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: train.name
+    tags: List[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (files under <dir>/wandb; `wandb sync` them later) | disabled
+    dir: Optional[str] = None  # None: the run directory
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow tracking (`pip install 'kiln[trackers]'`); setting any key turns it on."""
+
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a file store in <run_dir>/mlruns
+    experiment: str = "kiln"
+    run_name: Optional[str] = None  # None: train.name
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # e.g. logging.wandb.mode=offline
+    mlflow: Optional[MlflowConfig] = None  # e.g. logging.mlflow.experiment=scaling
 
 
 @dataclass
@@ -369,6 +393,7 @@ def validate(cfg: Config) -> None:
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
     _check(t.global_batch_tokens is None or t.global_batch_tokens > 0, "train.global_batch_tokens", "must be positive")
     _check(cfg.logging.log_every >= 1, "logging.log_every", "must be >= 1")
+    _validate_trackers(cfg)
     o = cfg.optim
     _check(o.lr > 0, "optim.lr", "must be positive")
     _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -377,6 +402,20 @@ def validate(cfg: Config) -> None:
     _check(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0: no clipping)")
     _check(cfg.checkpoint.every >= 1, "checkpoint.every", "must be >= 1")
     _check(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+
+
+def _validate_trackers(cfg: Config) -> None:
+    """Experiment trackers: known modes, and the library importable before any worker starts."""
+    import importlib.util
+
+    if cfg.logging.wandb is not None:
+        mode = cfg.logging.wandb.mode
+        _check(mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+               f"{mode!r} is not one of online, offline, disabled")
+    for key, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(cfg.logging, key) is not None:
+            _check(importlib.util.find_spec(module) is not None, f"logging.{key}",
+                   f"needs the `{module}` package (pip install 'kiln[trackers]')")
 
 
 def pipeline_microbatches(cfg: Config) -> int:

@@ -137,7 +137,7 @@ def train(cfg: Config) -> dict:
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)
     logger = MetricsLogger(run_dir, cfg.train.steps, step, cfg.logging.tensorboard,
-                           cfg.logging.progress) if rank == 0 else None
+                           cfg.logging.progress, cfg=cfg) if rank == 0 else None
     stop = install_requeue_handler()
     start_time = last_log_time = time.time()
     last_log_step, stopped_early = step, False
