@@ -46,11 +46,20 @@ def split_config_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
+def env_overrides() -> list[str]:
+    """`key=value` overrides from $KILN_OVERRIDES (shell-quoted, space-separated), applied after the
+    command line's: a way to change every command of a script at once (the docs check shortens runs so)."""
+    import os
+    import shlex
+
+    return shlex.split(os.environ.get("KILN_OVERRIDES", ""))
+
+
 def load_from_args(args: argparse.Namespace):
     from kiln.config import load_config
 
     paths, overrides = split_config_args(args.config)
-    return load_config(paths, overrides)
+    return load_config(paths, overrides + env_overrides())
 
 
 def build_parser() -> argparse.ArgumentParser:
