@@ -26,6 +26,18 @@ VERB_MODULES = (
 )
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to every option that has a value by default; options whose default is
+    "unset" (None) or off (flags) say in their own help what that means."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("%(default)" not in text and action.option_strings and not action.required
+                and not any(action.default is v for v in (None, False, argparse.SUPPRESS))):
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_config_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     """CONFIG files and key=value overrides, in any order: files merge left to right."""
     parser.add_argument("config", nargs="+" if required else "*", metavar="CONFIG|KEY=VALUE",
@@ -38,11 +50,20 @@ def split_config_args(items: Sequence[str]) -> tuple[list[str], list[str]]:
     return paths, overrides
 
 
+def env_overrides() -> list[str]:
+    """`key=value` overrides from $KILN_OVERRIDES (shell-quoted, space-separated), applied after the
+    command line's: a way to change every command of a script at once (the docs check shortens runs so)."""
+    import os
+    import shlex
+
+    return shlex.split(os.environ.get("KILN_OVERRIDES", ""))
+
+
 def load_from_args(args: argparse.Namespace):
     from kiln.config import load_config
 
     paths, overrides = split_config_args(args.config)
-    return load_config(paths, overrides)
+    return load_config(paths, overrides + env_overrides())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,14 +14,18 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kiln.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# kiln's bundled configs: shipped inside the package by setup.py (kiln/configs), or the repository's
+# configs/ in a source checkout.
+CONFIG_DIR = next((d for d in (Path(__file__).resolve().parent / "configs",
+                               Path(__file__).resolve().parent.parent / "configs") if d.is_dir()),
+                  Path(__file__).resolve().parent.parent / "configs")
 
 
 @dataclass(frozen=True)
@@ -242,10 +246,34 @@ class ClusterConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases tracking (`pip install 'kiln[trackers]'`); setting any key turns it on."""
+
+    project: str = "kiln"
+    entity: Optional[str] = None
+    name: Optional[str] = None  # None: train.name
+    tags: List[str] = field(default_factory=list)
+    mode: str = "online"  # online | offline (files under <dir>/wandb; `wandb sync` them later) | disabled
+    dir: Optional[str] = None  # None: the run directory
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow tracking (`pip install 'kiln[trackers]'`); setting any key turns it on."""
+
+    tracking_uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else a file store in <run_dir>/mlruns
+    experiment: str = "kiln"
+    run_name: Optional[str] = None  # None: train.name
+    tags: Dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
 class LoggingConfig:
     log_every: int = ranged(10, 1)
     tensorboard: bool = True
     progress: bool = True
+    wandb: Optional[WandbConfig] = None  # e.g. logging.wandb.mode=offline
+    mlflow: Optional[MlflowConfig] = None  # e.g. logging.mlflow.experiment=scaling
 
 
 @dataclass
@@ -310,6 +338,19 @@ def _yaml_where(exc: Exception) -> str:
     return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark else f": {problem}"
 
 
+def find_config(name: str | Path) -> Path:
+    """A config path as given: relative to the working directory first, then to kiln's bundled
+    configs (with or without a leading `configs/`), so `configs/train/quickstart.yaml` works anywhere."""
+    path = Path(name).expanduser()
+    if path.is_file() or path.is_absolute():
+        return path
+    parts = path.parts[1:] if path.parts[:1] == ("configs",) else path.parts
+    bundled = CONFIG_DIR.joinpath(*parts) if parts else CONFIG_DIR
+    if bundled.is_file():
+        return bundled
+    raise ConfigError(str(name), f"config file not found (looked in {Path.cwd()} and in kiln's bundled {CONFIG_DIR})")
+
+
 def _resolve_include(parent: Path, name: str) -> Path:
     candidate = parent.parent / name
     if candidate.is_file():
@@ -329,7 +370,7 @@ def load_config(paths: Sequence[str | Path] = (), overrides: Sequence[str] = ())
     try:
         merged = schema
         for p in paths:
-            merged = OmegaConf.merge(merged, _read_yaml(Path(p)))
+            merged = OmegaConf.merge(merged, _read_yaml(find_config(p)))
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(item, "override must look like key=value")
@@ -365,7 +406,7 @@ def _absolute_paths(cfg: Config) -> None:
     for item in d.mixture:
         item.path = absolute(item.path)
     if d.prepare is not None:
-        d.prepare.inputs = [i if i == "stdlib" else absolute(i) for i in d.prepare.inputs]
+        d.prepare.inputs = [i if i == "stdlib" or i.startswith("hf:") else absolute(i) for i in d.prepare.inputs]
         if not d.prepare.tokenizer.startswith(("bpe:", "byte")):
             d.prepare.tokenizer = absolute(d.prepare.tokenizer)
     if cfg.checkpoint.init_from:
@@ -455,6 +496,7 @@ def validate(cfg: Config) -> None:
         _check(bool(d.path or d.mixture), "data.path", "set data.path (or data.mixture, or data.synthetic=markov)")
     t = cfg.train
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
+    _validate_trackers(cfg)
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -467,6 +509,20 @@ def _validate_rope_scaling(m: ModelConfig) -> None:
     if r.type == "llama3":
         _check(r.high_freq_factor > r.low_freq_factor, "model.rope_scaling.high_freq_factor",
                "must exceed model.rope_scaling.low_freq_factor")
+
+
+def _validate_trackers(cfg: Config) -> None:
+    """Experiment trackers: known modes, and the library importable before any worker starts."""
+    import importlib.util
+
+    if cfg.logging.wandb is not None:
+        mode = cfg.logging.wandb.mode
+        _check(mode in ("online", "offline", "disabled"), "logging.wandb.mode",
+               f"{mode!r} is not one of online, offline, disabled")
+    for key, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+        if getattr(cfg.logging, key) is not None:
+            _check(importlib.util.find_spec(module) is not None, f"logging.{key}",
+                   f"needs the `{module}` package (pip install 'kiln[trackers]')")
 
 
 def pipeline_microbatches(cfg: Config) -> int:

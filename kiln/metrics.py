@@ -1,13 +1,28 @@
-"""Training metrics: metrics.jsonl, TensorBoard, a progress bar or log lines with rate and ETA, MFU."""
+"""Training metrics: metrics.jsonl, TensorBoard, experiment trackers (W&B, MLflow), a progress bar or log
+lines with rate and ETA, MFU."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+
+# Loggers whose warnings every rank raises identically, e.g. DTensor's "While redistributing from
+# (_NormPartial(2.0), _NormPartial(2.0)) to (Replicate(), Replicate()) ..." for the gradient norm on
+# a 2-D mesh: one copy (rank 0's) says it all.
+SAME_ON_EVERY_RANK = ("torch.distributed.tensor._redistribute",)
+
+
+def quiet_other_ranks(rank: int) -> None:
+    """Leave warnings that every rank repeats to rank 0; errors still print everywhere."""
+    if rank != 0:
+        for name in SAME_ON_EVERY_RANK:
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def device_peak_flops(device: torch.device) -> float | None:
@@ -29,7 +44,8 @@ def mfu(tokens_per_s: float, flops_per_token: float, n_devices: int, peak: float
 class MetricsLogger:
     """Rank 0 only. One JSON object per logged step; TensorBoard scalars; human progress."""
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: bool):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, tensorboard: bool, progress: bool,
+                 cfg=None):
         self.path = run_dir / "metrics.jsonl"
         self.file = open(self.path, "a")
         self.total, self.start_step, self.t0 = total_steps, start_step, time.time()
@@ -38,6 +54,11 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.trackers = []
+        if cfg is not None:
+            from kiln.trackers import open_trackers
+
+            self.trackers = open_trackers(cfg, run_dir)
         self.bar = None
         if progress and sys.stderr.isatty():
             from tqdm import tqdm
@@ -52,6 +73,8 @@ class MetricsLogger:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)) and value is not None:
                     self.tb.add_scalar(f"{prefix}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log(record, prefix)
         self.echo(self.format(record, prefix))
 
     def format(self, r: dict, prefix: str) -> str:
@@ -80,6 +103,8 @@ class MetricsLogger:
             self.bar.close()
         if self.tb:
             self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
         self.file.close()
 
 

@@ -20,7 +20,7 @@ from kiln.checkpoint.manager import CheckpointManager, read_meta
 from kiln.checkpoint.resume import check_resume
 from kiln.config import Config, config_hash, grad_accum_steps, run_dir_of, save_run_config, to_yaml
 from kiln.errors import KilnError
-from kiln.metrics import MetricsLogger, device_peak_flops, mfu
+from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import build_optimizer, lr_at, set_lr
 
@@ -104,6 +104,7 @@ def train(cfg: Config) -> dict:
 
     info = detect_rank()
     rank = info.rank
+    quiet_other_ranks(rank)
     check_layout(cfg, info.world_size)  # config errors before any process group exists
     run_dir = run_dir_of(cfg)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
@@ -154,7 +155,7 @@ def train(cfg: Config) -> dict:
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)
     logger = MetricsLogger(run_dir, cfg.train.steps, step, cfg.logging.tensorboard,
-                           cfg.logging.progress) if rank == 0 else None
+                           cfg.logging.progress, cfg=cfg) if rank == 0 else None
     stop = install_requeue_handler()
     start_time = last_log_time = time.time()
     last_log_step, stopped_early = step, False

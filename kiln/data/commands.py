@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 
+from kiln.cli import DefaultsHelpFormatter
+
 
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare token shards from text; inspect them",
@@ -14,17 +16,25 @@ def register(subparsers) -> None:
     data.set_defaults(func=lambda args: (data.print_help(), 2)[1])
 
     p = sub.add_parser("prepare", help="tokenize text into shards + manifest.json",
-                       description="Tokenize .txt/.jsonl/.parquet files (or 'stdlib') into webdataset shards.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="files, directories, globs, or 'stdlib'")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--tokenizer", default="byte", help="byte | bpe:VOCAB | path/to/tokenizer.json (default byte)")
+                       formatter_class=DefaultsHelpFormatter,
+                       description="Tokenize .txt/.jsonl/.parquet files (or 'stdlib') into webdataset shards "
+                                   "of fixed-size token samples plus manifest.json. See docs/data.md.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="files, directories (every file below), globs, or 'stdlib' (this Python's "
+                        "hand-written standard-library sources)")
+    p.add_argument("--out", required=True, help="output directory (new, empty, or an earlier prepare output)")
+    p.add_argument("--tokenizer", default="byte",
+                   help="byte (UTF-8 bytes + EOS) | bpe:VOCAB (train a byte-level BPE on the inputs) | "
+                        "path/to/tokenizer.json")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
-    p.add_argument("--samples-per-shard", type=int, default=2048)
-    p.add_argument("--sample-tokens", type=int, default=2048, help="tokens per stored sample")
-    p.add_argument("--val-fraction", type=float, default=0.01)
-    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: CPUs, at most 8)")
-    p.add_argument("--max-bytes", type=int, default=None, help="stop after this much input text")
-    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--samples-per-shard", type=int, default=2048, help="samples per tar shard")
+    p.add_argument("--sample-tokens", type=int, default=2048,
+                   help="tokens per stored sample (the loader packs across samples, so not the sequence length)")
+    p.add_argument("--val-fraction", type=float, default=0.01,
+                   help="share of tokens held out for validation (split by documents, cutting large ones)")
+    p.add_argument("--num-proc", type=int, default=None, help="tokenizer processes (default: the CPUs, at most 8)")
+    p.add_argument("--max-bytes", type=int, default=None, help="stop after this much input text (default: no limit)")
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON instead of a summary")
     p.set_defaults(func=_prepare)
 
     i = sub.add_parser("inspect", help="summarize a prepared directory and decode samples",

@@ -1,8 +1,9 @@
 """`kiln data prepare`: text -> tokens (+EOS per document) -> fixed-size samples in tar shards + manifest.
 
-The split is decided per document, in input order, by a running byte quota: a document goes to
-validation while validation holds less than `val_fraction` of the bytes seen so far. That keeps
-the split deterministic and close to the requested fraction even for corpora of a few large files.
+The split follows a running token quota, in input order (see `_Splitter`): whole documents go to
+validation while it is behind `val_fraction` of the tokens seen, except documents too large for
+that (a corpus of a few big files, or one), which are cut: their tail goes to validation. The
+split stays within 1.5x the fraction and is deterministic for any number of processes.
 Tokenization runs in `num_proc` spawned processes, with at most a few chunks in flight so memory
 stays bounded. The output is written to a temporary sibling directory and renamed into place, so a
 directory with a manifest is always complete. Same inputs and options -> byte-identical shards.
@@ -46,55 +47,78 @@ def _make_tokenizer(kind: str, serial: Optional[str], eos_id: int) -> toks.Token
     return toks.HFTokenizer(RawTokenizer.from_str(serial), "worker", eos_id)
 
 
-def _encode_chunk(texts: list[str], splits: list[int]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Tokenize one chunk; returns (train tokens, val tokens, tokens) with EOS after every document."""
-    return encode_with(_worker_tok, texts, splits)
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    return encode_with(_worker_tok, texts)
 
 
-def encode_with(tok: toks.Tokenizer, texts: list[str], splits: list[int]):
+def encode_with(tok: toks.Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Tokenize one chunk: (every document's tokens followed by EOS, concatenated; per-document lengths)."""
     if isinstance(tok, toks.ByteTokenizer):
         ids = [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
     else:
         ids = [np.asarray(x, dtype=np.uint32) for x in tok.encode_batch(texts)]
     eos = np.asarray([tok.eos_id], dtype=np.uint32)
-    parts: tuple[list, list] = ([], [])
-    for doc, split in zip(ids, splits):
-        parts[split].extend((doc.astype(np.uint32), eos))
-    out = [np.concatenate(p) if p else np.zeros(0, np.uint32) for p in parts]
-    return out[0], out[1], len(out[0]) + len(out[1])
+    parts = [p for doc in ids for p in (doc.astype(np.uint32), eos)]
+    lengths = np.asarray([len(doc) + 1 for doc in ids], dtype=np.int64)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint32)), lengths
 
 
 class _Splitter:
-    """Assigns documents to train (0) or val (1) by a running byte quota."""
+    """Assigns tokens to train or val by a running token quota T = val_fraction x tokens seen.
 
-    def __init__(self, val_fraction: float):
-        self.val_fraction = val_fraction
+    While validation is behind T, a document goes to it whole when it is at most T/2 tokens (so
+    validation never exceeds 1.5 T). A larger document, which is what a corpus of few documents
+    consists of, is cut instead: its last T - val tokens go to validation (once that is at least
+    `min_piece` tokens, so validation is not a scatter of fragments) and the rest, ended with EOS,
+    to training. Decided in input order in one process: deterministic for any `num_proc`.
+    """
+
+    def __init__(self, val_fraction: float, eos_id: int, min_piece: int):
+        self.fraction, self.eos, self.min_piece = val_fraction, np.asarray([eos_id], np.uint32), max(1, min_piece)
         self.seen = self.val = 0
+        self.documents = [0, 0]  # documents with tokens in train, val (a cut one counts in both)
+        self.cut = 0
 
-    def __call__(self, nbytes: int) -> int:
-        self.seen += nbytes
-        if self.val_fraction > 0 and self.val < self.val_fraction * self.seen:
-            self.val += nbytes
-            return 1
-        return 0
+    def __call__(self, ids: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        parts: tuple[list, list] = ([], [])
+        start = 0
+        for n in lengths.tolist():
+            doc, start = ids[start:start + n], start + n
+            self.seen += n
+            target = self.fraction * self.seen
+            split = 0
+            if self.val < target and n <= target / 2:
+                split = 1
+            elif self.val < target and target - self.val >= self.min_piece:
+                take = int(round(target - self.val))
+                parts[0].extend((doc[: n - take], self.eos))
+                parts[1].append(doc[n - take:])
+                self.seen += 1
+                self.val += take
+                self.documents[0] += 1
+                self.documents[1] += 1
+                self.cut += 1
+                continue
+            parts[split].append(doc)
+            self.val += n * split
+            self.documents[split] += 1
+        return tuple(np.concatenate(p) if p else np.zeros(0, np.uint32) for p in parts)
 
 
-def _chunks(docs: Iterator[sources.Document], splitter: _Splitter, stats: dict):
-    texts, splits, size = [], [], 0
+def _chunks(docs: Iterator[sources.Document], stats: dict):
+    texts, size = [], 0
     for doc in docs:
         nbytes = len(doc.text.encode("utf-8"))
         texts.append(doc.text)
-        splits.append(splitter(nbytes))
         stats["documents"] += 1
-        stats["documents_per_split"][splits[-1]] += 1
         stats["bad_utf8"] += doc.bad_utf8
         stats["bytes"] += nbytes
         size += nbytes
         if size >= CHUNK_BYTES:
-            yield texts, splits, size
-            texts, splits, size = [], [], 0
+            yield texts, size
+            texts, size = [], 0
     if texts:
-        yield texts, splits, size
+        yield texts, size
 
 
 def _build_tokenizer(spec: str, files, text_field: str, max_bytes: Optional[int]) -> toks.Tokenizer:
@@ -103,6 +127,8 @@ def _build_tokenizer(spec: str, files, text_field: str, max_bytes: Optional[int]
         return toks.ByteTokenizer()
     if kind == "file":
         return toks.from_file(arg)
+    if kind == "transformers":
+        return toks.from_transformers(arg)
     t0 = time.time()
     tok = toks.train_bpe((d.text for d in sources.read_documents(files, text_field, max_bytes)), arg)
     log.info("trained %s in %.1fs", tok.name, time.time() - t0)
@@ -152,11 +178,12 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
     from tqdm import tqdm
 
     writers = [ShardWriter(tmp, split, sample_tokens, samples_per_shard, dtype) for split in ("train", "val")]
-    stats = {"documents": 0, "documents_per_split": [0, 0], "bad_utf8": 0, "bytes": 0}
+    stats = {"documents": 0, "bad_utf8": 0, "bytes": 0}
     total_bytes = sum(f.stat().st_size for f in files)
     if max_bytes is not None:
         total_bytes = min(total_bytes, max_bytes)
-    chunks = _chunks(sources.read_documents(files, text_field, max_bytes), _Splitter(val_fraction), stats)
+    chunks = _chunks(sources.read_documents(files, text_field, max_bytes), stats)
+    splitter = _Splitter(val_fraction, tok.eos_id, sample_tokens // 4)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenizing", file=sys.stderr,
                disable=(not progress) if progress is not None else None, smoothing=0.1)
     tokens = docs_done = 0
@@ -164,7 +191,8 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
 
     def consume(result, nbytes, ndocs):
         nonlocal tokens, docs_done
-        train_ids, val_ids, n = result
+        train_ids, val_ids = splitter(*result)
+        n = len(train_ids) + len(val_ids)
         docs_done += ndocs
         writers[0].add(train_ids)
         writers[1].add(val_ids)
@@ -173,14 +201,14 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
         bar.set_postfix(docs=docs_done, tok_s=f"{tokens / max(time.time() - t0, 1e-9):.3g}", refresh=False)
 
     if num_proc <= 1:
-        for texts, splits, nbytes in chunks:
-            consume(encode_with(tok, texts, splits), nbytes, len(texts))
+        for texts, nbytes in chunks:
+            consume(encode_with(tok, texts), nbytes, len(texts))
     else:
         ctx = mp.get_context("spawn")  # tokenizers' thread pool is not fork-safe
         with ctx.Pool(num_proc, _init_worker, ("byte" if tok.name == "byte" else "json", tok.to_str(), tok.eos_id)) as pool:
             pending: collections.deque = collections.deque()
-            for texts, splits, nbytes in chunks:
-                pending.append((pool.apply_async(_encode_chunk, (texts, splits)), nbytes, len(texts)))
+            for texts, nbytes in chunks:
+                pending.append((pool.apply_async(_encode_chunk, (texts,)), nbytes, len(texts)))
                 while len(pending) > 2 * num_proc:
                     res, nb, nd = pending.popleft()
                     consume(res.get(), nb, nd)
@@ -193,7 +221,7 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
     if stats["bad_utf8"]:
         log.warning("%d document(s) were not valid UTF-8; invalid bytes became U+FFFD", stats["bad_utf8"])
     splits = {name: w.finish() for name, w in zip(("train", "val"), writers)}
-    for (name, split), docs in zip(splits.items(), stats["documents_per_split"]):
+    for (name, split), docs in zip(splits.items(), splitter.documents):
         split["documents"] = docs
     if splits["train"]["samples"] == 0:
         raise KilnError(f"data prepare: only {tokens} tokens, fewer than one sample of {sample_tokens}; "
@@ -209,7 +237,7 @@ def _write(tmp: Path, files, tok, dtype, text_field, max_bytes, val_fraction, sa
                    "tokens": splits["train"]["tokens"] + splits["val"]["tokens"],
                    "samples": splits["train"]["samples"] + splits["val"]["samples"],
                    "shards": len(splits["train"]["shards"]) + len(splits["val"]["shards"]),
-                   "non_utf8_documents": stats["bad_utf8"]},
+                   "non_utf8_documents": stats["bad_utf8"], "documents_cut": splitter.cut},
     }
 
 

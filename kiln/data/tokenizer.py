@@ -1,4 +1,5 @@
-"""Tokenizers for `kiln data prepare`: byte-level, a locally trained BPE, or a Hugging Face `tokenizer.json`.
+"""Tokenizers for `kiln data prepare`: byte-level, a locally trained BPE, a Hugging Face `tokenizer.json`,
+or a `transformers` tokenizer directory (`save_pretrained` output; its EOS token is taken from it).
 
 All three share one small interface (`encode`, `decode`, `eos_id`, `vocab_size`, `name`) so that
 prepare, inspect and generation never care which one a dataset used. BPE and Hugging Face
@@ -105,7 +106,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
 
 
 def parse_spec(spec: str) -> tuple[str, object]:
-    """'byte' -> ('byte', None); 'bpe:2048' -> ('bpe', 2048); anything else is a tokenizer.json path."""
+    """'byte' -> ('byte', None); 'bpe:2048' -> ('bpe', 2048); a directory with tokenizer_config.json ->
+    ('transformers', dir); anything else is a tokenizer.json (or a directory holding one)."""
     if spec == "byte":
         return "byte", None
     if spec.startswith("bpe:"):
@@ -114,6 +116,8 @@ def parse_spec(spec: str) -> tuple[str, object]:
         except ValueError:
             raise KilnError(f"tokenizer {spec!r}: expected bpe:VOCAB with an integer VOCAB") from None
     path = Path(spec)
+    if path.is_dir() and (path / "tokenizer_config.json").is_file():
+        return "transformers", path
     if path.is_dir():
         path = path / TOKENIZER_FILE
     if not path.is_file():
@@ -128,7 +132,40 @@ def from_file(path: Path, name: Optional[str] = None, eos_id: Optional[int] = No
         tok = RawTokenizer.from_file(str(path))
     except Exception as exc:
         raise KilnError(f"tokenizer {path}: cannot load ({exc})") from None
+    if eos_id is None:
+        eos_id = _configured_eos(tok, Path(path).parent / "tokenizer_config.json")
     return HFTokenizer(tok, name or f"file:{Path(path).name}", eos_id)
+
+
+def _configured_eos(tok, config: Path) -> Optional[int]:
+    """The `eos_token` a transformers tokenizer_config.json beside the tokenizer.json names, if any."""
+    try:
+        eos = json.loads(config.read_text()).get("eos_token")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return tok.token_to_id(eos) if isinstance(eos, str) else None
+
+
+def from_transformers(directory: Path) -> HFTokenizer:
+    """A `transformers` tokenizer directory, through its fast (Rust `tokenizers`) backend, which is what
+    kiln stores beside the shards; EOS is the tokenizer's own `eos_token` when it names one."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise KilnError(f"tokenizer {directory}: a transformers tokenizer directory needs `transformers` "
+                        f"(pip install 'kiln[hf]')") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(directory))
+    except Exception as exc:
+        raise KilnError(f"tokenizer {directory}: transformers cannot load it ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise KilnError(f"tokenizer {directory}: no fast tokenizer (tokenizer.json) can be built from it")
+    eos = tok.eos_token_id if isinstance(getattr(tok, "eos_token_id", None), int) else None
+    return HFTokenizer(backend, f"hf:{Path(directory).name}", eos)
 
 
 def from_identity(identity: dict, data_dir: str | os.PathLike) -> Tokenizer:
