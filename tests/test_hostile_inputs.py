@@ -225,6 +225,16 @@ def test_planted_pickle_in_foreign_checkpoint_never_runs(tmp_path, capsys, kind)
     one_line_error(err, culprit)
 
 
+def test_megatron_tracker_cannot_leave_its_directory(tmp_path, capsys):
+    (tmp_path / "outside" / "mp_rank_00").mkdir(parents=True)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "latest_checkpointed_iteration.txt").write_text("../outside")
+    rc, _, err = kiln(capsys, "convert", src, "--to", "kiln", "--out", tmp_path / "out")
+    assert rc == 2
+    one_line_error(err, "latest_checkpointed_iteration.txt", "not a directory inside")
+
+
 def test_deepspeed_latest_tag_cannot_leave_its_directory(tmp_path, capsys):
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -568,6 +578,8 @@ def test_generate_uses_the_tokenizer_the_run_trained_with(shards, tmp_path, caps
     capsys.readouterr()
     rc, after, _ = kiln(capsys, "generate", tmp_path / "tok", "--prompt", "def ", "--max-new-tokens", "8")
     assert rc == 0 and after == before  # the run's own copy, not the new data's tokenizer
+    rc, _, _ = kiln(capsys, "convert", tmp_path / "tok", "--to", "hf", "--out", tmp_path / "hf")
+    assert rc == 0 and not (tmp_path / "hf" / "tokenizer.json").exists()  # byte-level: not the new BPE
     rc, _, err = kiln(capsys, *_shard_args(data, tmp_path, "train.name=tok", "train.steps=2"))
     assert rc == 2
     one_line_error(err, "is not the one this run trained with")

@@ -22,6 +22,7 @@ from safetensors.torch import save_file
 from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
                                     interleaved_to_half, iter_checked, kiln_shapes, n_kv_heads)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
+from kiln.data.tokenizer import RUN_IDENTITY
 from kiln.errors import KilnError
 
 INDEX = "model.safetensors.index.json"
@@ -297,7 +298,14 @@ class ShardWriter:
         return names + [INDEX]
 
 
-def _tokenizer_dir(cfg: Config) -> Optional[Path]:
+def _tokenizer_dir(source: Source) -> Optional[Path]:
+    """Where the tokenizer the weights were trained with lives: the run directory's own copy (kept by
+    `kiln train`, so a data directory prepared again later cannot swap it), else the data directory."""
+    step_dir = getattr(source, "step_dir", None)
+    run_dir = Path(step_dir).parent.parent if step_dir is not None else None
+    if run_dir is not None and (run_dir / RUN_IDENTITY).is_file():  # byte-level runs keep no file
+        return run_dir if (run_dir / "tokenizer.json").is_file() else None
+    cfg = source.cfg
     paths = [cfg.data.path] + [m.get("path") if isinstance(m, dict) else getattr(m, "path", None)
                                for m in (cfg.data.mixture or [])]
     for p in paths:
@@ -307,19 +315,23 @@ def _tokenizer_dir(cfg: Config) -> Optional[Path]:
 
 
 def _special_ids(data_dir: Optional[Path]) -> dict[str, Optional[int]]:
-    """bos/eos/pad ids from the data manifest when it records them (kiln appends EOS per doc)."""
-    if data_dir is None or not (data_dir / "manifest.json").is_file():
-        return {}
-    try:
-        manifest = json.loads((data_dir / "manifest.json").read_text())
-    except json.JSONDecodeError:
-        return {}
+    """bos/eos/pad ids from the data manifest (or the run's kept tokenizer identity) when it records
+    them (kiln appends EOS per doc)."""
     found: dict[str, Optional[int]] = {}
-    for scope in (manifest, manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}):
-        for key in ("bos", "eos", "pad"):
-            for variant in (f"{key}_id", f"{key}_token_id", key):
-                if isinstance(scope.get(variant), int):
-                    found.setdefault(key, scope[variant])
+    for name in ("manifest.json", RUN_IDENTITY):
+        if data_dir is None or not (data_dir / name).is_file():
+            continue
+        try:
+            manifest = json.loads((data_dir / name).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(manifest, dict):
+            continue
+        for scope in (manifest, manifest.get("tokenizer") if isinstance(manifest.get("tokenizer"), dict) else {}):
+            for key in ("bos", "eos", "pad"):
+                for variant in (f"{key}_id", f"{key}_token_id", key):
+                    if isinstance(scope.get(variant), int):
+                        found.setdefault(key, scope[variant])
     return found
 
 
@@ -392,7 +404,7 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
         writer.add(hf_name(name), to_hf_tensor(name, t, m))
     files = writer.close()
     extras = extras_dir(source)
-    data_dir = None if extras is not None else _tokenizer_dir(cfg)
+    data_dir = None if extras is not None else _tokenizer_dir(source)
     special = _read_special(extras, source) if extras is not None else _special_ids(data_dir)
     config = hf_config(m, out_dtype, special)
     assert config["model_type"] == family

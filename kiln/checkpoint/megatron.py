@@ -186,8 +186,11 @@ def write_megatron(source: Source, out: Path, tp: int = 1, pp: int = 1, dtype: O
 def _checkpoint_dir(path: Path) -> Path:
     tracker = path / TRACKER
     if tracker.is_file():
-        text = tracker.read_text().strip()
-        sub = path / ("release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
+        text = tracker.read_text(errors="replace").strip()
+        name = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text
+        if Path(name).name != name or name in (".", ".."):
+            raise KilnError(f"{tracker} names {name[:60]!r}, which is not a directory inside {path}")
+        sub = path / name
         if not sub.is_dir():
             raise KilnError(f"{tracker} names {sub.name}, which does not exist")
         return sub
