@@ -66,7 +66,7 @@ def test_fixed_params_and_tokens(capsys):
 def test_compare_lists_all_laws(capsys):
     assert main(["plan", "--flops", "5.76e23", "--compare", "--json"]) == 0
     rows = {r["law"]: r for r in json.loads(capsys.readouterr().out)}
-    assert set(rows) == {"chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch", "kaplan"}
+    assert set(rows) == {"chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch", "sardana", "kaplan"}
     assert rows["chinchilla-3"]["params_opt"] == pytest.approx(40e9, rel=0.03)
     assert rows["chinchilla-1"]["predicted_loss"] is None
 
@@ -94,3 +94,41 @@ def test_estimate_fits_and_refuses(tmp_path, capsys):
                  "--gpu", "h100", "--gpus", "8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not fit" in err[0] and "activations" in err[0]
+
+
+def test_unique_tokens_plans_with_the_repeated_data_law(capsys):
+    from kiln.planner.laws import MUENNIGHOFF
+
+    c = 6 * 8.67e9 * 178e9
+    p = run_json(capsys, "--flops", str(c), "--unique-tokens", "25B")
+    assert p["law"] == "muennighoff"
+    assert p["params_opt"] == pytest.approx(6.8e9, rel=0.01)  # the published optimal allocation
+    assert p["epochs"] == pytest.approx(p["tokens"] / 25e9)
+    assert p["predicted_loss"] == pytest.approx(MUENNIGHOFF.loss(p["params"], p["tokens"], 25e9))
+    q = run_json(capsys, "--params", "6.34e9", "--tokens", "242e9", "--unique-tokens", "25e9")
+    assert q["params"] != 6.34e9  # the shape moves N; the loss is evaluated at the shape
+    assert q["predicted_loss"] == pytest.approx(MUENNIGHOFF.loss(q["params"], 242e9, 25e9))
+
+
+def test_inference_tokens_reproduce_sardana(capsys):
+    p = run_json(capsys, "--target-loss", "1.947", "--inference-tokens", "2e12", "--law", "sardana")
+    n, d = p["law_params_tokens"]
+    assert n == pytest.approx(2.418e10, rel=1e-3) and d == pytest.approx(2.657e12, rel=1e-3)
+    # the same question asked as "match a 70B model trained on 1T tokens" (loss 1.9473, unrounded)
+    q = run_json(capsys, "--params", "70B", "--tokens", "1T", "--inference-tokens", "2e12", "--law", "sardana")
+    assert q["target_loss"] == pytest.approx(1.947, abs=5e-4)
+    assert q["law_params_tokens"][0] == pytest.approx(2.418e10, rel=0.01)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--flops", "1e21", "--unique-tokens", "10B", "--law", "epoch"],
+    ["--params", "1B", "--tokens", "5B", "--unique-tokens", "10B"],
+    ["--flops", "1e21", "--law", "muennighoff"],
+    ["--target-loss", "1.5", "--law", "sardana"],  # below E = 1.69
+    ["--target-loss", "2.0", "--law", "kaplan"],
+    ["--params", "7B", "--inference-tokens", "1T"],
+])
+def test_new_budget_flags_refuse_bad_combinations(argv, capsys):
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kiln: ")

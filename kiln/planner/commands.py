@@ -8,7 +8,7 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 NUMBER_FLAGS = ("flops", "days", "budget_usd", "price_per_gpu_hour", "mfu", "params", "tokens",
-                "inference_tokens", "pue", "headroom", "max_days")
+                "inference_tokens", "unique_tokens", "target_loss", "pue", "headroom", "max_days")
 
 
 def register(subparsers) -> None:
@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     budget.add_argument("--flops", metavar="C", help="training compute in FLOPs (C = 6ND)")
     budget.add_argument("--days", metavar="D", help="wall-clock days on --gpus x --gpu")
     budget.add_argument("--budget-usd", metavar="X", help="dollars at --price-per-gpu-hour (default: table)")
+    budget.add_argument("--target-loss", metavar="L", help="reach this loss under --law at the least cost "
+                        "(with --inference-tokens: least training + inference cost)")
     model = p.add_argument_group("fix the model")
     model.add_argument("--params", metavar="N", help="parameters (solve for tokens)")
     model.add_argument("--tokens", metavar="D", help="training tokens (solve for parameters)")
@@ -34,9 +36,12 @@ def register(subparsers) -> None:
     hw.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
     hw.add_argument("--max-days", metavar="D", default="30", help="wall-clock limit when choosing --gpus (30)")
     law = p.add_argument_group("law and shape")
-    law.add_argument("--law", default="epoch", help="chinchilla-1 | chinchilla-2 | chinchilla-3 | epoch | kaplan "
-                     "| a law file from `kiln plan fit` (default epoch)")
-    law.add_argument("--inference-tokens", metavar="T", help="lifetime inference tokens: inference-aware optimum")
+    law.add_argument("--law", default=None, help="chinchilla-1 | chinchilla-2 | chinchilla-3 | epoch | sardana | "
+                     "kaplan | a law file from `kiln plan fit` (default epoch; muennighoff with --unique-tokens)")
+    law.add_argument("--inference-tokens", metavar="T", help="lifetime inference tokens: Sardana et al.'s "
+                     "inference-aware optimum (default: none)")
+    law.add_argument("--unique-tokens", metavar="U", help="unique tokens available: Muennighoff et al.'s "
+                     "repeated-data law chooses N, D and epochs (default: unlimited data)")
     law.add_argument("--compare", action="store_true", help="print every law side by side at this budget")
     law.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary size (default 32000)")
     law.add_argument("--seq-len", type=int, help="sequence length (default 2048 below 1B params, else 4096)")
@@ -107,8 +112,11 @@ def _request(args):
         lo, hi = BOUNDS[flag]
         if value is not None and not lo <= value <= hi:
             raise KilnError(f"--{flag.replace('_', '-')}: {value} is outside [{lo:g}, {hi:g}]")
-    return Request(gpu=args.gpu, gpus=_gpus(args.gpus), law=args.law, vocab=args.vocab, seq_len=args.seq_len,
-                   data=args.data, name=args.name or "planned",
+    from kiln.planner.laws import DEFAULT_LAW
+
+    law = args.law or ("muennighoff" if nums.get("unique_tokens") else DEFAULT_LAW)
+    return Request(gpu=args.gpu, gpus=_gpus(args.gpus), law=law, law_given=args.law is not None, vocab=args.vocab,
+                   seq_len=args.seq_len, data=args.data, name=args.name or "planned",
                    **{k: v for k, v in nums.items() if v is not None})
 
 
@@ -132,7 +140,9 @@ def plan_command(args) -> int:
         from kiln.planner.laws import get_law
         from kiln.planner.plot import plot_isoflops
 
-        plot_isoflops(plan, get_law(args.law), args.plot)
+        from kiln.planner.laws import MUENNIGHOFF
+
+        plot_isoflops(plan, MUENNIGHOFF.base if request.unique_tokens else get_law(request.law), args.plot)
         plan["plot"] = args.plot
     shape = plan.pop("_shape")
     if args.json:
@@ -147,15 +157,19 @@ def _compare(args, request) -> int:
     from kiln.planner.plan import check_flags, make_plan
 
     check_flags(request)
+    if request.unique_tokens or request.inference_tokens or request.target_loss:
+        raise KilnError("--compare compares the compute-optimal laws; drop --unique-tokens/--inference-tokens/"
+                        "--target-loss")
     laws = dict(LAWS)
-    if args.law not in laws:
-        law = get_law(args.law)
+    if request.law not in laws:
+        law = get_law(request.law)
         laws[law.name] = law
     rows = []
     for name, law in laws.items():
         if request.params and request.tokens:
             raise KilnError("--compare needs a budget, not a fixed --params and --tokens")
         request.law = args.law if name not in LAWS else name
+        request.law_given = True
         plan = make_plan(request)
         plan.pop("_shape")
         rows.append({"law": name, "compute_flops": plan["budget_flops"] or plan["compute_flops"],
@@ -213,9 +227,18 @@ def render_plan(p: dict, shape) -> str:
     ]
     if p.get("compute_optimal"):
         co = p["compute_optimal"]
-        rows.append(("inference-aware", f"{_si(p['inference_tokens'])} inference tokens: same loss as the "
-                     f"compute-optimal {_si(co['params'])} x {_si(co['tokens'])}; training FLOPs "
-                     f"{p['compute_flops']:.3g}, with inference {p['total_flops_with_inference']:.3g}"))
+        inf = p["inference_tokens"] or 0.0
+        rows.append(("inference-aware", f"Sardana et al. 2024: loss {p['target_loss']:.4g} with {_si(inf)} inference "
+                     f"tokens at the least 6ND + 2N D_inf: law optimum {_si(p['law_params_tokens'][0])} x "
+                     f"{_si(p['law_params_tokens'][1])} (compute-optimal at that loss: {_si(co['params'])} x "
+                     f"{_si(co['tokens'])}); training FLOPs {p['compute_flops']:.3g}, with inference "
+                     f"{p['total_flops_with_inference']:.3g}"))
+    if p.get("unique_tokens"):
+        un = p["unconstrained"]
+        rows.append(("repeated data", f"{_si(p['unique_tokens'])} unique tokens, {p['epochs']:.2f} epochs "
+                     f"(Muennighoff et al. 2023); the unconstrained optimum {_si(un['params'])} x "
+                     f"{_si(un['tokens'])} would reach {un['loss']:.3f} on this data "
+                     f"({un['loss_if_unique']:.3f} with that many unique tokens)"))
     if p["layout"]:
         lay = p["layout"]
         mem = p["memory_breakdown_gib"]
