@@ -288,6 +288,10 @@ def fit_command(args) -> int:
         ci = f"  [{iv[k][0]:.4g}, {iv[k][1]:.4g}] 95% bootstrap ({result['bootstrap']})" if k in iv else ""
         label = "a = beta/(alpha+beta)" if k == "a" else k
         print(f"  {label:<22}{result[k]:.4g}{ci}")
+    print(f"  rms log residual      {result['rms_log_residual']:.3g}")
+    for problem in result["problems"]:
+        print(f"WARNING: the runs do not identify the law: {problem}; add runs spread over more model "
+              f"sizes and token counts (see docs/planning.md, IsoFLOP recipe)")
     print(f"wrote {args.out} (use: kiln plan --law {args.out} ...) and {plot_path}")
     return 0
 
