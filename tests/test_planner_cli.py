@@ -27,8 +27,8 @@ def test_plan_json_out_and_plot(tmp_path, capsys):
     assert p["compute_flops"] == pytest.approx(1e21)
     assert abs(p["params"] / p["params_opt"] - 1) <= 0.03
     assert p["memory_gib_per_gpu"] <= 80e9 * 0.9 / 2**30
-    # cost by hand: PaLM FLOPs / (989 TFLOP/s x 40%) and $3/GPU-hour, 700 W x 1.2
-    hours = p["model_flops"] / (989e12 * 0.4) / 3600
+    # cost by hand: PaLM FLOPs / (989 TFLOP/s x 41%, Llama 3 on H100) and $3/GPU-hour, 700 W x 1.2
+    hours = p["model_flops"] / (989e12 * 0.41) / 3600
     assert p["gpu_hours"] == pytest.approx(hours)
     assert p["wall_days"] == pytest.approx(hours / 8 / 24)
     assert p["cost_usd"] == pytest.approx(3.0 * hours)
@@ -132,3 +132,96 @@ def test_new_budget_flags_refuse_bad_combinations(argv, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kiln: ")
+
+
+# ---- MFU defaults and edge cases (issue 13 item 5)
+@pytest.mark.parametrize("gpu,mfu,run", [("v100", 0.213, "GPT-3"), ("a100", 6 * 65.2e9 * 380 / 312e12, "LLaMA 65B"),
+                                          ("h100", 0.41, "Llama 3 405B"), ("h200", 0.41, "Llama 3 405B"),
+                                          ("tpu-v4", 0.462, "PaLM 540B"), ("mi300x", 0.40, "40% assumed")])
+def test_default_mfu_per_generation_names_its_published_run(gpu, mfu, run, capsys):
+    """Published MFUs: PaLM's Table 3 (GPT-3 21.3%, PaLM 46.2%), LLaMA's 380 tokens/s/GPU on A100,
+    Llama 3's Table 4 (41% on 16K H100)."""
+    p = run_json(capsys, "--flops", "1e21", "--gpu", gpu)
+    assert p["mfu"] == pytest.approx(mfu, abs=1e-3)
+    assert run in p["mfu_source"] and run in p["assumptions"]["mfu"]
+    hours = p["model_flops"] / (p["mfu"] * {"v100": 125, "a100": 312, "h100": 989, "h200": 989, "tpu-v4": 275,
+                                             "mi300x": 1307}[gpu] * 1e12) / 3600
+    assert p["gpu_hours"] == pytest.approx(hours)
+
+
+def test_estimate_keeps_the_plans_mfu_and_price(tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    p = run_json(capsys, "--flops", "1e21", "--gpu", "h100", "--gpus", "8", "--mfu", "0.3",
+                 "--price-per-gpu-hour", "2.5", "--out", str(out))
+    assert main(["estimate", str(out), "--gpu", "h100", "--gpus", "8", "--json"]) == 0
+    est = json.loads(capsys.readouterr().out)
+    # same MFU and price: the same cost up to the last step's rounding of tokens to whole batches
+    assert est["mfu"] == 0.3 and est["cost_usd"] == pytest.approx(p["cost_usd"], rel=1e-3)
+    assert main(["estimate", str(out), "--gpu", "h100", "--gpus", "8", "--mfu", "0.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["mfu"] == 0.5  # a flag still overrides the plan
+    assert main(["estimate", str(out), "--gpu", "a100", "--gpus", "8", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["cost_usd"] != pytest.approx(p["cost_usd"])  # a100's own price
+
+
+def test_printed_price_and_tiny_budget_amounts(capsys):
+    assert main(["plan", "--flops", "1e17", "--gpu", "h100"]) == 0
+    out = capsys.readouterr().out
+    assert "$3.00/GPU-hour" in out
+    cost = next(line for line in out.splitlines() if line.startswith("cost"))
+    assert "$0 " not in cost and "$0," not in cost and " 0 GPU-hours" not in cost
+    p = run_json(capsys, "--flops", "1e17", "--gpu", "h100")
+    assert f"${p['cost_usd']:.3g}" in cost  # the real, small number
+
+
+def test_plan_config_evaluates_and_checkpoints_in_proportion_to_its_steps(tmp_path, capsys):
+    for flops in ("1e19", "1e21"):
+        out = tmp_path / f"{flops}.yaml"
+        p = run_json(capsys, "--flops", flops, "--gpu", "h100", "--gpus", "8", "--out", str(out))
+        cfg = load_config([str(out)])
+        assert 40 <= p["steps"] / cfg.train.eval_every <= 50
+        assert 15 <= p["steps"] / cfg.checkpoint.every <= 20
+
+
+def test_huge_budget_says_the_model_is_too_large(capsys):
+    assert main(["plan", "--flops", "1e29"]) == 2
+    err = capsys.readouterr().err
+    assert "largest shape" in err and "larger budget" not in err
+
+
+def test_automatic_gpu_count_stays_within_the_gpus_limit(capsys, monkeypatch):
+    from kiln.planner import plan as planmod
+
+    seen = []
+    real = planmod.costs.run_cost
+
+    def spy(flops, acc, gpus, *a, **k):
+        seen.append(gpus)
+        return real(flops, acc, gpus, *a, **k)
+
+    monkeypatch.setattr(planmod.costs, "run_cost", spy)
+    assert main(["plan", "--flops", "1e28", "--gpu", "h100"]) == 2
+    assert "no GPU count up to 524288" in capsys.readouterr().err
+    assert max(seen) <= planmod.BOUNDS["gpus"][1]
+
+
+@pytest.mark.parametrize("argv", [["plan", "--flops", "1e21", "--flops", "1e22"],
+                                  ["plan", "--flops", "1e21", "--json", "--json"],
+                                  ["plan", "--flops", "1e21", "--gpu", "h100", "--mfu", "1.0"],
+                                  ["estimate", "configs/model/8b.yaml", "--gpu", "h100", "--gpus", "8", "--gpus", "4"]])
+def test_repeated_flags_and_mfu_1_refused(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kiln: ")
+
+
+@pytest.mark.parametrize("verb", ["plan", "estimate"])
+def test_help_gives_every_flag_a_description_with_its_default(verb, capsys):
+    from kiln.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if hasattr(a, "choices") and a.choices and verb in a.choices).choices[verb]
+    for action in sub._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        assert action.help, action.option_strings
+        assert "default" in action.help or "required" in action.help, action.option_strings

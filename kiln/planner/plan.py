@@ -14,12 +14,14 @@ from kiln.planner.memory import GIB
 from kiln.planner.shapes import Shape, search_shape
 
 DEFAULT_VOCAB = 32000
+EVALS_PER_RUN = 50  # a plan's config evaluates ~50 times and at the last step, whatever its length
+CHECKPOINTS_PER_RUN = 20
 MAX_AUTO_DAYS = 30.0
 
 # Bounds that catch typos (a missing exponent, an extra zero), not ambition.
 BOUNDS = {
     "flops": (1e15, 1e30), "gpus": (1, 1_000_000), "days": (1e-3, 3650), "budget_usd": (1, 1e12),
-    "params": (1e6, 1e14), "tokens": (1e6, 1e16), "mfu": (1e-3, 1.0), "price_per_gpu_hour": (1e-3, 1000),
+    "params": (1e6, 1e14), "tokens": (1e6, 1e16), "mfu": (1e-3, 0.99), "price_per_gpu_hour": (1e-3, 1000),
     "inference_tokens": (0, 1e20), "vocab": (2, 10_000_000), "seq_len": (16, 1 << 20), "pue": (1.0, 3.0),
     "headroom": (0.1, 1.0), "max_days": (1e-3, 3650), "unique_tokens": (1e6, 1e16), "target_loss": (0.01, 20),
 }
@@ -155,7 +157,8 @@ def default_seq_len(params: float) -> int:
 def make_plan(r: Request) -> dict:
     check_flags(r)
     acc = lookup(r.gpu) if r.gpu else None
-    mfu = r.mfu or costs.DEFAULT_MFU
+    mfu_default = costs.default_mfu(acc) if acc else None
+    mfu = r.mfu or (mfu_default.mfu if acc else costs.DEFAULT_MFU)
     law = MUENNIGHOFF.base if r.unique_tokens else get_law(r.law)
     c = budget_flops(r, acc, mfu)
     n_law, d_law = law_point(r, law, c)
@@ -211,6 +214,7 @@ def make_plan(r: Request) -> dict:
                                 "loss_if_unique": law.loss(n0, d0)}
     if acc:
         _add_hardware(out, r, acc, mfu, shape)
+        out["mfu_source"] = "given (--mfu)" if r.mfu else mfu_default.source
     out["_shape"] = shape
     return out
 
@@ -232,12 +236,14 @@ def _add_hardware(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Sh
         "memory_breakdown_gib": {k: v / GIB for k, v in plan.memory.items()},
         "memory_usable_gib": acc.memory_bytes * r.headroom / GIB,
         "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
+        "price_per_gpu_hour": run.price_usd_per_hour, "pue": r.pue,
         "energy_kwh": run.energy_kwh,
     })
     a = out["assumptions"]
-    a["mfu"] = f"{mfu:.0%}" + ("" if r.mfu else " (assumed default; pass --mfu)")
-    a["price"] = (f"{run.price_usd_per_hour:g}" +
-                                   (" (given)" if r.price_per_gpu_hour else f" ({acc.price_note}; pass --price-per-gpu-hour)"))
+    a["mfu"] = (f"{mfu:.1%} (given)" if r.mfu else
+                f"{mfu:.1%}, default for {acc.name} from {costs.default_mfu(acc).source}; pass --mfu")
+    a["price"] = (f"${run.price_usd_per_hour:.2f}/GPU-hour" +
+                  (" (given)" if r.price_per_gpu_hour else f" ({acc.price_note}; pass --price-per-gpu-hour)"))
     a["power"] = (f"TDP {acc.tdp_w:g} W x PUE {r.pue:g}" if acc.tdp_w else "no TDP in the table: energy n/a")
     a["memory"] = f"{r.headroom:.0%} of {acc.memory_gb:g} GB usable; FSDP over all data-parallel ranks"
     if not r.gpus:
@@ -245,7 +251,8 @@ def _add_hardware(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Sh
 
 
 def _auto_gpus(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Shape) -> int:
-    counts = [1, 2, 4] + [GPUS_PER_NODE * 2 ** k for k in range(18)]
+    limit = int(BOUNDS["gpus"][1])  # never choose more than --gpus accepts
+    counts = [g for g in [1, 2, 4] + [GPUS_PER_NODE * 2 ** k for k in range(18)] if g <= limit]
     last_error = None
     for g in counts:
         run = costs.run_cost(out["model_flops"], acc, g, mfu)
@@ -284,8 +291,9 @@ def to_config(plan: dict, data_path: str, launcher: str | None = None):
         optim=OptimConfig(lr=float(f"{plan['lr']:.3g}"), warmup_steps=min(2000, max(1, steps // 10))),
         train=TrainConfig(name=shape.model.name, steps=steps,
                           micro_batch=lay["micro_batch"] * (lay["pp_microbatches"] if pipelined else 1),
-                          global_batch_tokens=lay["global_batch_tokens"], device="auto"),
-        checkpoint=CheckpointConfig(every=max(100, steps // 50)),
+                          global_batch_tokens=lay["global_batch_tokens"], device="auto",
+                          eval_every=math.ceil(steps / EVALS_PER_RUN)),
+        checkpoint=CheckpointConfig(every=math.ceil(steps / CHECKPOINTS_PER_RUN)),
         cluster=ClusterConfig(launcher=launcher or ("slurm" if nodes > 1 else "local"), nodes=nodes,
                               gpus_per_node=per_node),
     )
