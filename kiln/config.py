@@ -121,6 +121,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_steps: int = 4
     max_time_s: Optional[float] = None  # stop (with a checkpoint) after this long
+    noise_scale: bool = False  # log the gradient noise scale (kiln/noise_scale.py); needs grad accumulation
 
 
 @dataclass

@@ -104,3 +104,37 @@ def test_sardana_vectors():
     n0, d0 = inference_optimum_at_loss(law, 1.947, 0.0)
     c = 6 * n0 * d0
     assert law.optimum(c)[0] == pytest.approx(n0, rel=1e-3)
+
+
+# ---- hyperparameter and batch-size rules
+def test_deepseek_hyperparameters_at_1e20():
+    """DeepSeek LLM eq. 1 at C = 1e20: B about 1.02M tokens, eta about 9.9e-4."""
+    from kiln.planner.cost import deepseek_batch_tokens, deepseek_lr
+
+    assert deepseek_batch_tokens(1e20) == pytest.approx(1.02e6, rel=0.01)
+    assert deepseek_lr(1e20) == pytest.approx(9.9e-4, rel=0.01)
+
+
+def test_kaplan_critical_batch():
+    """Kaplan et al. eq. 1.4, B_crit = B*/L^(1/alpha_B), B* = 2e8 tokens, alpha_B = 0.21: the batch
+    doubles when the loss falls by a factor 2^0.21 (about 16%), and equals B* at L = 1 nat."""
+    from kiln.planner.cost import kaplan_critical_batch_tokens
+
+    assert kaplan_critical_batch_tokens(1.0) == pytest.approx(2e8)
+    assert kaplan_critical_batch_tokens(3.0 / 2 ** 0.21) == pytest.approx(2 * kaplan_critical_batch_tokens(3.0))
+
+
+def test_hparams_rule_selects_the_plans_batch(capsys):
+    import json
+
+    from kiln.cli import main
+    from kiln.planner.cost import kaplan_critical_batch_tokens
+
+    assert main(["plan", "--flops", "1e21", "--hparams", "kaplan", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    m = p["model"]
+    non_embedding = p["params"] - 2 * m["vocab_size"] * m["d_model"]
+    expect = kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, p["tokens"]))
+    assert p["batch_tokens_opt"] == pytest.approx(expect) and p["hparams"]["rule"] == "kaplan"
+    assert "Kaplan" in p["hparams"]["source"]
+    assert main(["plan", "--flops", "1e21", "--hparams", "porian"]) == 2

@@ -81,3 +81,32 @@ def deepseek_lr(compute: float) -> float:
 def deepseek_batch_tokens(compute: float) -> float:
     """B_opt = 0.2920 C^0.3271 tokens (DeepSeek LLM, eq. 1)."""
     return 0.2920 * compute ** 0.3271
+
+
+def kaplan_critical_batch_tokens(kaplan_loss: float) -> float:
+    """Kaplan et al. 2020 (arXiv 2001.08361) eq. 1.4: B_crit(L) = B* / L^(1/alpha_B) with
+    B* = 2e8 tokens, alpha_B = 0.21; L is Kaplan's loss in nats (WebText2), from his L(N, D)."""
+    return 2e8 / kaplan_loss ** (1 / 0.21)
+
+
+HPARAM_RULES = {
+    "deepseek": "DeepSeek LLM 2024 (arXiv 2401.02954) eq. 1: eta = 0.3118 C^-0.125, B = 0.2920 C^0.3271 tokens, "
+                "C = (72 L d^2 + 12 L d s) D",
+    "kaplan": "Kaplan et al. 2020 eq. 1.4: critical batch B = 2e8 / L^(1/0.21) tokens at Kaplan's L(N, D); "
+              "peak lr from DeepSeek LLM",
+}
+
+
+def hyperparameters(rule: str, m: ModelConfig, seq_len: int, params: float, tokens: float) -> dict:
+    """Peak LR and global batch (tokens) under `rule`, with every rule's batch for comparison."""
+    from kiln.errors import KilnError
+    from kiln.planner.laws import LAWS
+
+    if rule not in HPARAM_RULES:
+        raise KilnError(f"--hparams: unknown rule {rule!r}; known: {', '.join(HPARAM_RULES)}")
+    c = deepseek_compute(m, seq_len, tokens)
+    non_embedding = max(params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2), 1.0)
+    batches = {"deepseek": deepseek_batch_tokens(c),
+               "kaplan": kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, tokens))}
+    return {"rule": rule, "source": HPARAM_RULES[rule], "lr": deepseek_lr(c), "batch_tokens": batches[rule],
+            "batch_tokens_by_rule": batches, "deepseek_compute": c}

@@ -60,6 +60,7 @@ class Request:
     unique_tokens: float | None = None
     target_loss: float | None = None
     law_given: bool = False
+    hparams: str = "deepseek"
     vocab: int = DEFAULT_VOCAB
     seq_len: int | None = None
     pue: float = costs.DEFAULT_PUE
@@ -176,7 +177,7 @@ def make_plan(r: Request) -> dict:
     n = shape.params
     tokens = r.tokens if r.tokens and not r.inference_tokens else n_law * d_law / n  # keep the compute 6ND when N moves to the shape
     loss = MUENNIGHOFF.loss(n, tokens, r.unique_tokens) if r.unique_tokens else law.loss(n, tokens)
-    ds_c = costs.deepseek_compute(shape.model, seq_len, tokens)
+    hp = costs.hyperparameters(r.hparams, shape.model, seq_len, n, tokens)
     out = {
         "law": law.name, "law_source": law.source,
         "compute_flops": 6 * n * tokens, "budget_flops": c,
@@ -187,7 +188,7 @@ def make_plan(r: Request) -> dict:
         "appendix_f_flops_per_token": shape.appendix_f_flops_per_token,
         "model_flops": shape.flops_per_token * tokens,
         "appendix_f_flops": shape.appendix_f_flops_per_token * tokens,
-        "lr": costs.deepseek_lr(ds_c), "batch_tokens_opt": costs.deepseek_batch_tokens(ds_c),
+        "lr": hp["lr"], "batch_tokens_opt": hp["batch_tokens"], "hparams": hp,
         "inference_tokens": r.inference_tokens,
         "gpu": acc.name if acc else None, "gpus": None, "mfu": mfu if acc else None,
         "layout": None, "memory_gib_per_gpu": None, "memory_breakdown_gib": None,
