@@ -87,6 +87,9 @@ def register(subparsers) -> None:
                    "GPU, else the hardware table)")
     e.add_argument("--pue", metavar="X", help="data-centre PUE for energy (default: the plan's, else 1.2)")
     e.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
+    e.add_argument("--measure", action="store_true", help="also run one real training step of this config for "
+                   "rank 0 on the CPU with fake tensors (no weights allocated) and report its measured peak per "
+                   "category; the fit decision then uses the measurement (default: formula only)")
     e.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
     e.set_defaults(func=estimate_command)
     _refuse_repeats(e)
@@ -380,10 +383,26 @@ def estimate_command(args) -> int:
     pick = lambda k, default=None: nums.get(k) if nums.get(k) is not None else planned.get(k, default)  # noqa: E731
     result = estimate(cfg, args.gpu, _gpus(args.gpus), mfu=pick("mfu"), price=pick("price_per_gpu_hour"),
                       pue=pick("pue", 1.2), headroom=nums.get("headroom") or 0.9, mfu_note=note)
+    if args.measure:
+        from kiln.planner.measure import measure
+        from kiln.planner.memory import GIB
+
+        measured = measure(cfg, result["gpus"])
+        result["measured_gib"] = {k: v / GIB for k, v in measured.items()}
+        result["fits"] = measured["total"] <= result["memory_usable_gib"] * GIB
+        if not result["fits"]:
+            terms = {k: v for k, v in result["measured_gib"].items() if k != "total"}
+            result["largest_term"] = max(terms, key=terms.get)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(render_estimate(result))
+    if not result["fits"] and "measured_gib" in result:
+        mem = result["measured_gib"]
+        sys.stdout.flush()
+        raise KilnError(f"does not fit (measured): {mem['total']:.1f} GiB per GPU > {result['memory_usable_gib']:.1f} "
+                        f"GiB usable on {result['gpu']}; largest term {result['largest_term']} "
+                        f"{mem[result['largest_term']]:.1f} GiB")
     if not result["fits"]:
         term = result["largest_term"]
         mem = result["memory_breakdown_gib"]
@@ -399,8 +418,14 @@ def render_estimate(r: dict) -> str:
              f"dp {lay['dp']} (shard {lay['dp_shard']}, ZeRO-{lay['zero']}), micro-batch {lay['micro_batch']}, "
              f"recompute {lay['activation_checkpoint']}",
              f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable:"]
+    measured = r.get("measured_gib")
+    if measured:
+        lines[-1] = (f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable: formula | measured peak "
+                     f"(one fake-tensor training step of rank 0)")
     for k, v in r["memory_breakdown_gib"].items():
-        lines.append(f"  {k:<13}{v:10.2f}")
+        lines.append(f"  {k:<13}{v:10.2f}" + (f"   {measured['total']:10.2f}" if measured and k == "total" else ""))
+    if measured:
+        lines.append("  measured: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items() if k != "total"))
     if r.get("gpu_hours") is not None:
         energy = "n/a" if r["energy_kwh"] is None else f"{_amount(r['energy_kwh'])} kWh"
         lines.append(f"{_si(r['tokens'])} tokens: {_amount(r['gpu_hours'])} GPU-hours, {_amount(r['wall_days'])} days, "

@@ -12,12 +12,15 @@ def layout_of(cfg: Config, gpus: int) -> Layout:
     p = cfg.parallel
     chunks = (p.pp_microbatches or p.pp) if p.pp > 1 else 1
     native = p.engine == "native"
-    return Layout(tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
+    from kiln.config import grad_accum_steps
+
+    dp = world["dp_replicate"] * world["dp_shard"]
+    return Layout(grad_accum=grad_accum_steps(cfg, dp), tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
                   dp_shard=world["dp_shard"] if native else world["dp_replicate"] * world["dp_shard"],
                   zero=3 if native else p.zero_stage,
                   micro_batch=max(1, cfg.train.micro_batch // chunks), pp_microbatches=chunks,
                   activation_checkpoint=p.activation_checkpoint, sequence_parallel=p.sequence_parallel,
-                  schedule="gpipe" if p.pp_schedule == "gpipe" else "1f1b")
+                  schedule="gpipe" if p.pp_schedule == "gpipe" else "1f1b", engine=p.engine)
 
 
 PLAN_MARK = "# kiln-plan-assumptions: "
