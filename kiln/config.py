@@ -210,6 +210,7 @@ class TrainConfig:
     eval_every: int = ranged(50, 0, note=" (0: no evaluation)")
     eval_steps: int = ranged(4, 0)
     max_time_s: Optional[float] = ranged(None, 0, lo_open=True)  # stop (with a checkpoint) after this long
+    noise_scale: bool = False  # log the gradient noise scale (kiln/noise_scale.py); needs grad accumulation
 
 
 @dataclass

@@ -137,6 +137,12 @@ def train(cfg: Config) -> dict:
     if resume_from is not None:
         check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
 
+    noise = None
+    if cfg.train.noise_scale:
+        from kiln.noise_scale import NoiseScale
+
+        noise = NoiseScale(accum, cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size, step_tokens,
+                           cfg.parallel.engine)
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
     val_loader = None
     step, tokens, last_saved = 0, 0, None
@@ -176,11 +182,15 @@ def train(cfg: Config) -> dict:
             lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(optimizers, lr)
             losses = []
-            for _ in range(accum):
+            for micro in range(accum):
                 loss = rt.forward_backward(next(batches), 1.0 / accum)
                 if loss is not None:
                     losses.append(float(loss))
+                if noise and micro == 0:
+                    noise.after_first_micro_batch(rt)
             grad_norm = rt.clip_grad_norm_(cfg.optim.grad_clip)
+            if noise:
+                noise.after_step_gradient(grad_norm)
             loss = rt.reduce_mean(sum(losses) / len(losses) if losses else None)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 good = ckpt.find_resumable()
@@ -197,7 +207,8 @@ def train(cfg: Config) -> dict:
                 tps = (step - last_log_step) * step_tokens / max(now - last_log_time, 1e-9)
                 if logger:
                     logger.log({"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": tps, "mfu": mfu(tps, fpt, info.world_size, peak)})
+                                "tokens_per_s": tps, "mfu": mfu(tps, fpt, info.world_size, peak),
+                                **(noise.metrics() if noise else {})})
                 last_log_step, last_log_time = step, now
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 if val_loader is None:  # built once: shards are indexed and verified once per run

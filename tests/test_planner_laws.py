@@ -64,3 +64,77 @@ def test_inference_optimum_same_loss_smaller_model_cheaper_total():
     assert 6 * n * d + 2 * n * t < 6 * n0 * d0 + 2 * n0 * t
     # no inference: the compute-optimal point itself
     assert inference_optimum(law, c, 0.0)[0] == pytest.approx(n0, rel=1e-3)
+
+
+# ---- data-constrained (Muennighoff et al. 2023) and inference-aware (Sardana et al. 2024) budgets
+def test_muennighoff_reproduces_the_released_vectors():
+    """github.com/huggingface/datablations README, "Parametric Fit": the two Figure 1 models."""
+    from kiln.planner.laws import MUENNIGHOFF
+
+    assert MUENNIGHOFF.loss(6.34e9, 242e9, 25e9) == pytest.approx(2.2256440889984477, abs=1e-9)
+    assert MUENNIGHOFF.loss(8.67e9, 178e9, 25e9) == pytest.approx(2.2269634075087867, abs=1e-9)
+    # no repetition, no excess parameters: the law is plain Chinchilla form with its constants
+    assert MUENNIGHOFF.loss(1e9, 20e9, 20e9) == pytest.approx(MUENNIGHOFF.base.loss(1e9, 20e9), rel=1e-12)
+
+
+def test_muennighoff_optimal_allocation_matches_the_published_one():
+    """Same README: at the 8.67B x 178B budget with 25B unique tokens the optimum is
+    "227B tokens, 9.1 epochs, 6.8B parameters" (their grid search)."""
+    from kiln.planner.laws import MUENNIGHOFF
+
+    n, d = MUENNIGHOFF.optimum(6 * 8.67e9 * 178e9, 25e9)
+    assert d == pytest.approx(227e9, rel=0.005) and n == pytest.approx(6.8e9, rel=0.01)
+    assert d / 25e9 == pytest.approx(9.1, abs=0.05)
+    # with ample unique data it is the unconstrained closed form
+    n2, _ = MUENNIGHOFF.optimum(1e21, 1e15)
+    assert n2 == pytest.approx(MUENNIGHOFF.base.optimum(1e21)[0], rel=1e-4)
+
+
+def test_sardana_vectors():
+    """Sardana et al. 2024: a 70B model on 1T tokens has loss 1.947 under their Chinchilla
+    constants; at that loss with 2e12 inference tokens the optimum is 2.418e10 params, 2.657e12 tokens."""
+    from kiln.planner.laws import inference_optimum_at_loss
+
+    law = LAWS["sardana"]
+    assert law.loss(70e9, 1e12) == pytest.approx(1.947, abs=5e-4)
+    n, d = inference_optimum_at_loss(law, 1.947, 2e12)
+    assert n == pytest.approx(2.418e10, rel=1e-3) and d == pytest.approx(2.657e12, rel=1e-3)
+    assert law.loss(n, d) == pytest.approx(1.947, abs=1e-9)
+    # without inference the rule is the compute-optimal model at that loss (closed form)
+    n0, d0 = inference_optimum_at_loss(law, 1.947, 0.0)
+    c = 6 * n0 * d0
+    assert law.optimum(c)[0] == pytest.approx(n0, rel=1e-3)
+
+
+# ---- hyperparameter and batch-size rules
+def test_deepseek_hyperparameters_at_1e20():
+    """DeepSeek LLM eq. 1 at C = 1e20: B about 1.02M tokens, eta about 9.9e-4."""
+    from kiln.planner.cost import deepseek_batch_tokens, deepseek_lr
+
+    assert deepseek_batch_tokens(1e20) == pytest.approx(1.02e6, rel=0.01)
+    assert deepseek_lr(1e20) == pytest.approx(9.9e-4, rel=0.01)
+
+
+def test_kaplan_critical_batch():
+    """Kaplan et al. eq. 1.4, B_crit = B*/L^(1/alpha_B), B* = 2e8 tokens, alpha_B = 0.21: the batch
+    doubles when the loss falls by a factor 2^0.21 (about 16%), and equals B* at L = 1 nat."""
+    from kiln.planner.cost import kaplan_critical_batch_tokens
+
+    assert kaplan_critical_batch_tokens(1.0) == pytest.approx(2e8)
+    assert kaplan_critical_batch_tokens(3.0 / 2 ** 0.21) == pytest.approx(2 * kaplan_critical_batch_tokens(3.0))
+
+
+def test_hparams_rule_selects_the_plans_batch(capsys):
+    import json
+
+    from kiln.cli import main
+    from kiln.planner.cost import kaplan_critical_batch_tokens
+
+    assert main(["plan", "--flops", "1e21", "--hparams", "kaplan", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    m = p["model"]
+    non_embedding = p["params"] - 2 * m["vocab_size"] * m["d_model"]
+    expect = kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, p["tokens"]))
+    assert p["batch_tokens_opt"] == pytest.approx(expect) and p["hparams"]["rule"] == "kaplan"
+    assert "Kaplan" in p["hparams"]["source"]
+    assert main(["plan", "--flops", "1e21", "--hparams", "porian"]) == 2

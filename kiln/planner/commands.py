@@ -8,7 +8,7 @@ from pathlib import Path
 from kiln.errors import KilnError
 
 NUMBER_FLAGS = ("flops", "days", "budget_usd", "price_per_gpu_hour", "mfu", "params", "tokens",
-                "inference_tokens", "pue", "headroom", "max_days")
+                "inference_tokens", "unique_tokens", "target_loss", "pue", "headroom", "max_days")
 
 
 def register(subparsers) -> None:
@@ -18,35 +18,45 @@ def register(subparsers) -> None:
                     "and cost. Numbers accept suffixes: 1e21, 70B, 1.4T, 400M. "
                     "`kiln plan fit RUNS...` fits a scaling law to your own runs instead.")
     budget = p.add_argument_group("budget (one of)")
-    budget.add_argument("--flops", metavar="C", help="training compute in FLOPs (C = 6ND)")
-    budget.add_argument("--days", metavar="D", help="wall-clock days on --gpus x --gpu")
-    budget.add_argument("--budget-usd", metavar="X", help="dollars at --price-per-gpu-hour (default: table)")
+    budget.add_argument("--flops", metavar="C", help="training compute in FLOPs, C = 6ND (default: none; give one budget)")
+    budget.add_argument("--days", metavar="D", help="wall-clock days on --gpus x --gpu (default: none)")
+    budget.add_argument("--budget-usd", metavar="X", help="dollars at --price-per-gpu-hour (default: none)")
+    budget.add_argument("--target-loss", metavar="L", help="reach this loss under --law at the least cost "
+                        "(with --inference-tokens: least training + inference cost; default: none)")
     model = p.add_argument_group("fix the model")
-    model.add_argument("--params", metavar="N", help="parameters (solve for tokens)")
-    model.add_argument("--tokens", metavar="D", help="training tokens (solve for parameters)")
+    model.add_argument("--params", metavar="N", help="parameters, solve for tokens (default: from the law)")
+    model.add_argument("--tokens", metavar="D", help="training tokens, solve for parameters (default: from the law)")
     hw = p.add_argument_group("hardware and cost")
-    hw.add_argument("--gpu", metavar="NAME", help="accelerator (h100, h200, a100, b200, mi300x, ...)")
+    hw.add_argument("--gpu", metavar="NAME", help="accelerator: h100, h200, a100, b200, mi300x, ... (default: none, "
+                    "no layout or cost)")
     hw.add_argument("--gpus", metavar="N", type=_int_or_str, help="GPU count (default: fewest that fit and "
                     "finish within --max-days)")
-    hw.add_argument("--mfu", metavar="U", help="model FLOPs utilisation, 0-1 (default 0.40, an assumption)")
-    hw.add_argument("--price-per-gpu-hour", metavar="P", help="USD per GPU-hour (default: hardware table)")
+    hw.add_argument("--mfu", metavar="U", help="model FLOPs utilisation, 0-0.99 (default: the published run for the "
+                    "GPU's generation, printed with its source; 40%% where there is none)")
+    hw.add_argument("--price-per-gpu-hour", metavar="P", help="USD per GPU-hour (default: the hardware table's assumed rate)")
     hw.add_argument("--pue", metavar="X", default="1.2", help="data-centre PUE for energy (default 1.2)")
     hw.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
-    hw.add_argument("--max-days", metavar="D", default="30", help="wall-clock limit when choosing --gpus (30)")
+    hw.add_argument("--max-days", metavar="D", default="30", help="wall-clock limit when choosing --gpus (default 30)")
     law = p.add_argument_group("law and shape")
-    law.add_argument("--law", default="epoch", help="chinchilla-1 | chinchilla-2 | chinchilla-3 | epoch | kaplan "
-                     "| a law file from `kiln plan fit` (default epoch)")
-    law.add_argument("--inference-tokens", metavar="T", help="lifetime inference tokens: inference-aware optimum")
-    law.add_argument("--compare", action="store_true", help="print every law side by side at this budget")
+    law.add_argument("--law", default=None, help="chinchilla-1 | chinchilla-2 | chinchilla-3 | epoch | sardana | "
+                     "kaplan | a law file from `kiln plan fit` (default epoch; muennighoff with --unique-tokens)")
+    law.add_argument("--inference-tokens", metavar="T", help="lifetime inference tokens: Sardana et al.'s "
+                     "inference-aware optimum (default: none)")
+    law.add_argument("--unique-tokens", metavar="U", help="unique tokens available: Muennighoff et al.'s "
+                     "repeated-data law chooses N, D and epochs (default: unlimited data)")
+    law.add_argument("--hparams", default="deepseek", metavar="RULE", help="rule for peak LR and global batch: "
+                     "deepseek (DeepSeek LLM fits) | kaplan (Kaplan's critical batch) (default deepseek)")
+    law.add_argument("--compare", action="store_true", help="print every law side by side at this budget (default: off)")
     law.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary size (default 32000)")
     law.add_argument("--seq-len", type=int, help="sequence length (default 2048 below 1B params, else 4096)")
     out = p.add_argument_group("output")
-    out.add_argument("--json", action="store_true", help="machine-readable output")
-    out.add_argument("--out", metavar="PLAN.yaml", help="write a complete kiln training config")
+    out.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
+    out.add_argument("--out", metavar="PLAN.yaml", help="write a complete kiln training config (default: none)")
     out.add_argument("--data", default="data/train", help="data.path written into --out (default data/train)")
-    out.add_argument("--name", default=None, help="run name written into --out")
-    out.add_argument("--plot", metavar="FILE.png", help="draw IsoFLOP curves and the laws' frontiers")
+    out.add_argument("--name", default=None, help="run name written into --out (default: plan-<size>)")
+    out.add_argument("--plot", metavar="FILE.png", help="draw IsoFLOP curves and the laws' frontiers (default: none)")
     p.set_defaults(func=plan_command)
+    _refuse_repeats(p)
 
     modes = p.add_subparsers(dest="plan_mode", metavar="fit", required=False)
     f = modes.add_parser("fit", help="fit L(N,D) = E + A/N^alpha + B/D^beta to your runs",
@@ -60,6 +70,7 @@ def register(subparsers) -> None:
     f.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples (default 200; 0: none)")
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=fit_command)
+    _refuse_repeats(f)
 
     e = subparsers.add_parser("estimate", help="per-GPU memory and cost of an existing config",
                               description="Estimate per-GPU memory (and time/cost) of a config on N GPUs; "
@@ -67,14 +78,49 @@ def register(subparsers) -> None:
     from kiln.cli import add_config_args
 
     add_config_args(e)
-    e.add_argument("--gpu", required=True, metavar="NAME")
-    e.add_argument("--gpus", required=True, type=_int_or_str, metavar="N")
-    e.add_argument("--mfu", metavar="U")
-    e.add_argument("--price-per-gpu-hour", metavar="P")
-    e.add_argument("--pue", default="1.2")
-    e.add_argument("--headroom", default="0.9")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--gpu", required=True, metavar="NAME", help="accelerator (required; h100, h200, a100, b200, "
+                   "mi300x, ...; an unknown name lists the known ones)")
+    e.add_argument("--gpus", required=True, type=_int_or_str, metavar="N", help="GPU count (required)")
+    e.add_argument("--mfu", metavar="U", help="model FLOPs utilisation, 0-0.99 (default: the plan's, from a "
+                   "`kiln plan --out` file, else the published run for this GPU generation)")
+    e.add_argument("--price-per-gpu-hour", metavar="P", help="USD per GPU-hour (default: the plan's for the same "
+                   "GPU, else the hardware table)")
+    e.add_argument("--pue", metavar="X", help="data-centre PUE for energy (default: the plan's, else 1.2)")
+    e.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
+    e.add_argument("--measure", action="store_true", help="also run one real training step of this config for "
+                   "rank 0 on the CPU with fake tensors (no weights allocated) and report its measured peak per "
+                   "category; the fit decision then uses the measurement (default: formula only)")
+    e.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
     e.set_defaults(func=estimate_command)
+    _refuse_repeats(e)
+
+
+def _refuse_repeats(parser) -> None:
+    """argparse keeps the last of a repeated option silently (`--flops 1e21 --flops 1e22`); wrap
+    every option's action to note repeats, refused as one line by the command (`_check_repeats`)."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        original = action.__class__.__call__
+
+        def call(self_, parser_, namespace, values, option_string=None, _orig=original, _dest=action.dest):
+            seen = getattr(namespace, "_seen_options", None)
+            if seen is None:
+                seen = set()
+                setattr(namespace, "_seen_options", seen)
+            if _dest in seen:
+                repeated = getattr(namespace, "_repeated_options", [])
+                setattr(namespace, "_repeated_options", repeated + [option_string])
+            seen.add(_dest)
+            return _orig(self_, parser_, namespace, values, option_string)
+
+        action.__class__ = type(action.__class__.__name__, (action.__class__,), {"__call__": call})
+
+
+def _check_repeats(args) -> None:
+    repeated = getattr(args, "_repeated_options", None)
+    if repeated:
+        raise KilnError(f"{repeated[0]} given more than once; give each option once")
 
 
 def _int_or_str(text: str):
@@ -107,13 +153,17 @@ def _request(args):
         lo, hi = BOUNDS[flag]
         if value is not None and not lo <= value <= hi:
             raise KilnError(f"--{flag.replace('_', '-')}: {value} is outside [{lo:g}, {hi:g}]")
-    return Request(gpu=args.gpu, gpus=_gpus(args.gpus), law=args.law, vocab=args.vocab, seq_len=args.seq_len,
-                   data=args.data, name=args.name or "planned",
+    from kiln.planner.laws import DEFAULT_LAW
+
+    law = args.law or ("muennighoff" if nums.get("unique_tokens") else DEFAULT_LAW)
+    return Request(gpu=args.gpu, gpus=_gpus(args.gpus), law=law, law_given=args.law is not None, vocab=args.vocab,
+                   seq_len=args.seq_len, hparams=args.hparams, data=args.data, name=args.name or "planned",
                    **{k: v for k, v in nums.items() if v is not None})
 
 
 # ---------------------------------------------------------------- plan
 def plan_command(args) -> int:
+    _check_repeats(args)
     from kiln.planner.plan import make_plan, to_config
 
     request = _request(args)
@@ -132,7 +182,9 @@ def plan_command(args) -> int:
         from kiln.planner.laws import get_law
         from kiln.planner.plot import plot_isoflops
 
-        plot_isoflops(plan, get_law(args.law), args.plot)
+        from kiln.planner.laws import MUENNIGHOFF
+
+        plot_isoflops(plan, MUENNIGHOFF.base if request.unique_tokens else get_law(request.law), args.plot)
         plan["plot"] = args.plot
     shape = plan.pop("_shape")
     if args.json:
@@ -147,15 +199,19 @@ def _compare(args, request) -> int:
     from kiln.planner.plan import check_flags, make_plan
 
     check_flags(request)
+    if request.unique_tokens or request.inference_tokens or request.target_loss:
+        raise KilnError("--compare compares the compute-optimal laws; drop --unique-tokens/--inference-tokens/"
+                        "--target-loss")
     laws = dict(LAWS)
-    if args.law not in laws:
-        law = get_law(args.law)
+    if request.law not in laws:
+        law = get_law(request.law)
         laws[law.name] = law
     rows = []
     for name, law in laws.items():
         if request.params and request.tokens:
             raise KilnError("--compare needs a budget, not a fixed --params and --tokens")
         request.law = args.law if name not in LAWS else name
+        request.law_given = True
         plan = make_plan(request)
         plan.pop("_shape")
         rows.append({"law": name, "compute_flops": plan["budget_flops"] or plan["compute_flops"],
@@ -176,6 +232,14 @@ def _compare(args, request) -> int:
     return 0
 
 
+def _amount(x: float) -> str:
+    """Thousands separators for large amounts, three significant digits for small ones (a tiny
+    budget prints $0.0123, not $0)."""
+    if x >= 100:
+        return f"{x:,.0f}"
+    return f"{x:.3g}" if x < 1 else f"{x:.2f}".rstrip("0").rstrip(".")
+
+
 def _si(x: float | None) -> str:
     if x is None:
         return "-"
@@ -188,8 +252,11 @@ def _si(x: float | None) -> str:
 def _yaml_header(plan: dict) -> str:
     lines = [f"# kiln plan: {plan['law']} law, C = {plan['compute_flops']:.3g} FLOPs, N = {plan['params']:,}, "
              f"D = {plan['tokens']:.4g} tokens",
-             f"# {plan['gpus']} x {plan['gpu']}: ~{plan['wall_days']:.1f} days, ~${plan['cost_usd']:,.0f} "
-             f"(assumptions: {'; '.join(plan['assumptions'].values())})"]
+             f"# {plan['gpus']} x {plan['gpu']}: ~{_amount(plan['wall_days'])} days, ~${_amount(plan['cost_usd'])} "
+             f"(assumptions: {'; '.join(plan['assumptions'].values())})",
+             "# kiln-plan-assumptions: " + json.dumps({"gpu": plan["gpu"], "gpus": plan["gpus"], "mfu": plan["mfu"],
+                                                       "price_per_gpu_hour": plan["price_per_gpu_hour"],
+                                                       "pue": plan["pue"]})]
     return "\n".join(lines) + "\n"
 
 
@@ -209,26 +276,37 @@ def render_plan(p: dict, shape) -> str:
                         f"Chinchilla App. F {p['appendix_f_flops_per_token']:.4g}"),
         ("training FLOPs", f"6ND {p['compute_flops']:.3g}; PaLM model {p['model_flops']:.3g}; "
                            f"App. F {p['appendix_f_flops']:.3g}"),
-        ("hyperparameters", f"peak lr {p['lr']:.3g}, batch {_si(p['batch_tokens_opt'])} tokens (DeepSeek LLM fits)"),
+        ("hyperparameters", f"peak lr {p['lr']:.3g}, batch {_si(p['batch_tokens_opt'])} tokens ({p['hparams']['source']}); "
+                            + ", ".join(f"{k} batch {_si(v)}" for k, v in p["hparams"]["batch_tokens_by_rule"].items())),
     ]
     if p.get("compute_optimal"):
         co = p["compute_optimal"]
-        rows.append(("inference-aware", f"{_si(p['inference_tokens'])} inference tokens: same loss as the "
-                     f"compute-optimal {_si(co['params'])} x {_si(co['tokens'])}; training FLOPs "
-                     f"{p['compute_flops']:.3g}, with inference {p['total_flops_with_inference']:.3g}"))
+        inf = p["inference_tokens"] or 0.0
+        rows.append(("inference-aware", f"Sardana et al. 2024: loss {p['target_loss']:.4g} with {_si(inf)} inference "
+                     f"tokens at the least 6ND + 2N D_inf: law optimum {_si(p['law_params_tokens'][0])} x "
+                     f"{_si(p['law_params_tokens'][1])} (compute-optimal at that loss: {_si(co['params'])} x "
+                     f"{_si(co['tokens'])}); training FLOPs {p['compute_flops']:.3g}, with inference "
+                     f"{p['total_flops_with_inference']:.3g}"))
+    if p.get("unique_tokens"):
+        un = p["unconstrained"]
+        rows.append(("repeated data", f"{_si(p['unique_tokens'])} unique tokens, {p['epochs']:.2f} epochs "
+                     f"(Muennighoff et al. 2023); the unconstrained optimum {_si(un['params'])} x "
+                     f"{_si(un['tokens'])} would reach {un['loss']:.3f} on this data "
+                     f"({un['loss_if_unique']:.3f} with that many unique tokens)"))
     if p["layout"]:
         lay = p["layout"]
         mem = p["memory_breakdown_gib"]
         rows += [
-            ("hardware", f"{p['gpus']} x {p['gpu']}, MFU {p['mfu']:.0%}"),
+            ("hardware", f"{p['gpus']} x {p['gpu']}, MFU {p['mfu']:.1%}"),
             ("layout", f"tp {lay['tp']}, pp {lay['pp']}, dp {lay['dp']} (FSDP), micro-batch {lay['micro_batch']}"
                        + (f" x {lay['pp_microbatches']} pipeline chunks" if lay["pp"] > 1 else "")
                        + f", grad-accum {lay['grad_accum']}, global batch {_si(lay['global_batch_tokens'])} tokens, "
                        f"recompute {lay['activation_checkpoint']}, {p['steps']:,} steps"),
             ("memory/GPU", f"{p['memory_gib_per_gpu']:.1f} GiB of {p['memory_usable_gib']:.1f} GiB usable: "
                            + ", ".join(f"{k} {v:.2f}" for k, v in mem.items() if k != "total")),
-            ("cost", f"{p['gpu_hours']:,.0f} GPU-hours, {p['wall_days']:.1f} days, ${p['cost_usd']:,.0f}, "
-                     + ("energy n/a" if p["energy_kwh"] is None else f"{p['energy_kwh']:,.0f} kWh")),
+            ("cost", f"{_amount(p['gpu_hours'])} GPU-hours, {_amount(p['wall_days'])} days, "
+                     f"${_amount(p['cost_usd'])}, "
+                     + ("energy n/a" if p["energy_kwh"] is None else f"{_amount(p['energy_kwh'])} kWh")),
         ]
         rows += [(f"assumed: {k}", v) for k, v in p["assumptions"].items()]
     else:
@@ -242,6 +320,7 @@ def render_plan(p: dict, shape) -> str:
 
 # ---------------------------------------------------------------- fit
 def fit_command(args) -> int:
+    _check_repeats(args)
     from kiln.planner.fit import fit_law, load_points, save_law
     from kiln.planner.laws import load_law_file
     from kiln.planner.plot import plot_fit
@@ -265,6 +344,10 @@ def fit_command(args) -> int:
         ci = f"  [{iv[k][0]:.4g}, {iv[k][1]:.4g}] 95% bootstrap ({result['bootstrap']})" if k in iv else ""
         label = "a = beta/(alpha+beta)" if k == "a" else k
         print(f"  {label:<22}{result[k]:.4g}{ci}")
+    print(f"  rms log residual      {result['rms_log_residual']:.3g}")
+    for problem in result["problems"]:
+        print(f"WARNING: the runs do not identify the law: {problem}; add runs spread over more model "
+              f"sizes and token counts (see docs/planning.md, IsoFLOP recipe)")
     print(f"wrote {args.out} (use: kiln plan --law {args.out} ...) and {plot_path}")
     return 0
 
@@ -281,17 +364,45 @@ HINTS = {
 
 
 def estimate_command(args) -> int:
+    _check_repeats(args)
     from kiln.cli import load_from_args
     from kiln.planner.estimate import estimate
 
+    from kiln.cli import split_config_args
+    from kiln.planner.estimate import plan_assumptions
+    from kiln.planner.hardware import lookup
+
     nums = _numbers(args)
     cfg = load_from_args(args)
-    result = estimate(cfg, args.gpu, _gpus(args.gpus), mfu=nums.get("mfu"), price=nums.get("price_per_gpu_hour"),
-                      pue=nums.get("pue") or 1.2, headroom=nums.get("headroom") or 0.9)
+    planned = plan_assumptions(split_config_args(args.config)[0])
+    note = None
+    if nums.get("mfu") is None and planned.get("mfu"):
+        note = "from the plan's header (kiln plan --mfu)"
+    if planned.get("gpu") != lookup(args.gpu).name:
+        planned.pop("price_per_gpu_hour", None)  # the plan's price was for another accelerator
+    pick = lambda k, default=None: nums.get(k) if nums.get(k) is not None else planned.get(k, default)  # noqa: E731
+    result = estimate(cfg, args.gpu, _gpus(args.gpus), mfu=pick("mfu"), price=pick("price_per_gpu_hour"),
+                      pue=pick("pue", 1.2), headroom=nums.get("headroom") or 0.9, mfu_note=note)
+    if args.measure:
+        from kiln.planner.measure import measure
+        from kiln.planner.memory import GIB
+
+        measured = measure(cfg, result["gpus"])
+        result["measured_gib"] = {k: v / GIB for k, v in measured.items()}
+        result["fits"] = measured["total"] <= result["memory_usable_gib"] * GIB
+        if not result["fits"]:
+            terms = {k: v for k, v in result["measured_gib"].items() if k != "total"}
+            result["largest_term"] = max(terms, key=terms.get)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(render_estimate(result))
+    if not result["fits"] and "measured_gib" in result:
+        mem = result["measured_gib"]
+        sys.stdout.flush()
+        raise KilnError(f"does not fit (measured): {mem['total']:.1f} GiB per GPU > {result['memory_usable_gib']:.1f} "
+                        f"GiB usable on {result['gpu']}; largest term {result['largest_term']} "
+                        f"{mem[result['largest_term']]:.1f} GiB")
     if not result["fits"]:
         term = result["largest_term"]
         mem = result["memory_breakdown_gib"]
@@ -307,11 +418,17 @@ def render_estimate(r: dict) -> str:
              f"dp {lay['dp']} (shard {lay['dp_shard']}, ZeRO-{lay['zero']}), micro-batch {lay['micro_batch']}, "
              f"recompute {lay['activation_checkpoint']}",
              f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable:"]
+    measured = r.get("measured_gib")
+    if measured:
+        lines[-1] = (f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable: formula | measured peak "
+                     f"(one fake-tensor training step of rank 0)")
     for k, v in r["memory_breakdown_gib"].items():
-        lines.append(f"  {k:<13}{v:10.2f}")
+        lines.append(f"  {k:<13}{v:10.2f}" + (f"   {measured['total']:10.2f}" if measured and k == "total" else ""))
+    if measured:
+        lines.append("  measured: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items() if k != "total"))
     if r.get("gpu_hours") is not None:
-        energy = "n/a" if r["energy_kwh"] is None else f"{r['energy_kwh']:,.0f} kWh"
-        lines.append(f"{_si(r['tokens'])} tokens: {r['gpu_hours']:,.0f} GPU-hours, {r['wall_days']:.2f} days, "
-                     f"${r['cost_usd']:,.0f}, {energy} (MFU {r['mfu']:.0%}; assumptions: "
+        energy = "n/a" if r["energy_kwh"] is None else f"{_amount(r['energy_kwh'])} kWh"
+        lines.append(f"{_si(r['tokens'])} tokens: {_amount(r['gpu_hours'])} GPU-hours, {_amount(r['wall_days'])} days, "
+                     f"${_amount(r['cost_usd'])}, {energy} (assumptions: "
                      f"{'; '.join(r['assumptions'].values())})")
     return "\n".join(lines)

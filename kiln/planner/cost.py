@@ -12,7 +12,39 @@ from dataclasses import dataclass
 from kiln.config import ModelConfig
 from kiln.planner.hardware import Accelerator
 
-DEFAULT_MFU = 0.40  # assumption: Llama 3 405B 38-43%, Megatron-LM 41-48% on H100 (planner.md)
+DEFAULT_MFU = 0.40  # for accelerators without a published run below (an assumption)
+
+
+@dataclass(frozen=True)
+class MfuDefault:
+    mfu: float
+    source: str
+
+
+# Default MFU per accelerator generation, each from one published large training run (PaLM's
+# MFU definition). A single 40% missed these runs by -52% to +36%.
+_LLAMA65B = 6 * 65.2e9 * 380 / 312e12  # Touvron et al. 2023 sec. 2.4: 380 tokens/s/GPU on 2048 A100-80GB
+MFU_BY_GENERATION = {
+    "volta": MfuDefault(0.213, "GPT-3 175B on V100: 21.3% (Chowdhery et al. 2022, PaLM, Table 3)"),
+    "ampere": MfuDefault(round(_LLAMA65B, 3), "LLaMA 65B on 2048 A100: 380 tokens/s/GPU = 6N x 380 / 312 TFLOP/s "
+                                               f"= {_LLAMA65B:.1%} (Touvron et al. 2023, sec. 2.4)"),
+    "hopper": MfuDefault(0.41, "Llama 3 405B on 16,384 H100: 41% BF16 MFU (Llama Team 2024, Table 4; 38-43%)"),
+    "tpu": MfuDefault(0.462, "PaLM 540B on 6144 TPU v4: 46.2% (Chowdhery et al. 2022, Table 3)"),
+}
+GENERATION = {"v100": "volta", "v100-16gb": "volta", "a100": "ampere", "a100-40gb": "ampere",
+              "a100-pcie": "ampere", "a100-pcie-40gb": "ampere", "h100": "hopper", "h100-pcie": "hopper",
+              "h200": "hopper", "tpu-v4": "tpu", "tpu-v5e": "tpu", "tpu-v5p": "tpu"}
+
+
+def default_mfu(acc: Accelerator) -> MfuDefault:
+    """The published-run MFU for this accelerator's generation, or the 40% assumption."""
+    gen = GENERATION.get(acc.name)
+    if gen is None:
+        return MfuDefault(DEFAULT_MFU, f"no published large run on {acc.name} in kiln's table: 40% assumed")
+    d = MFU_BY_GENERATION[gen]
+    if acc.name in ("h200", "tpu-v5e", "tpu-v5p"):
+        return MfuDefault(d.mfu, f"nearest published run: {d.source}")
+    return d
 DEFAULT_PUE = 1.2  # assumption: a modern data centre; hyperscalers report about 1.1
 
 
@@ -49,3 +81,32 @@ def deepseek_lr(compute: float) -> float:
 def deepseek_batch_tokens(compute: float) -> float:
     """B_opt = 0.2920 C^0.3271 tokens (DeepSeek LLM, eq. 1)."""
     return 0.2920 * compute ** 0.3271
+
+
+def kaplan_critical_batch_tokens(kaplan_loss: float) -> float:
+    """Kaplan et al. 2020 (arXiv 2001.08361) eq. 1.4: B_crit(L) = B* / L^(1/alpha_B) with
+    B* = 2e8 tokens, alpha_B = 0.21; L is Kaplan's loss in nats (WebText2), from his L(N, D)."""
+    return 2e8 / kaplan_loss ** (1 / 0.21)
+
+
+HPARAM_RULES = {
+    "deepseek": "DeepSeek LLM 2024 (arXiv 2401.02954) eq. 1: eta = 0.3118 C^-0.125, B = 0.2920 C^0.3271 tokens, "
+                "C = (72 L d^2 + 12 L d s) D",
+    "kaplan": "Kaplan et al. 2020 eq. 1.4: critical batch B = 2e8 / L^(1/0.21) tokens at Kaplan's L(N, D); "
+              "peak lr from DeepSeek LLM",
+}
+
+
+def hyperparameters(rule: str, m: ModelConfig, seq_len: int, params: float, tokens: float) -> dict:
+    """Peak LR and global batch (tokens) under `rule`, with every rule's batch for comparison."""
+    from kiln.errors import KilnError
+    from kiln.planner.laws import LAWS
+
+    if rule not in HPARAM_RULES:
+        raise KilnError(f"--hparams: unknown rule {rule!r}; known: {', '.join(HPARAM_RULES)}")
+    c = deepseek_compute(m, seq_len, tokens)
+    non_embedding = max(params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2), 1.0)
+    batches = {"deepseek": deepseek_batch_tokens(c),
+               "kaplan": kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, tokens))}
+    return {"rule": rule, "source": HPARAM_RULES[rule], "lr": deepseek_lr(c), "batch_tokens": batches[rule],
+            "batch_tokens_by_rule": batches, "deepseek_compute": c}

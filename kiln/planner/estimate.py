@@ -12,16 +12,41 @@ def layout_of(cfg: Config, gpus: int) -> Layout:
     p = cfg.parallel
     chunks = (p.pp_microbatches or p.pp) if p.pp > 1 else 1
     native = p.engine == "native"
-    return Layout(tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
+    from kiln.config import grad_accum_steps
+
+    dp = world["dp_replicate"] * world["dp_shard"]
+    return Layout(grad_accum=grad_accum_steps(cfg, dp), tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
                   dp_shard=world["dp_shard"] if native else world["dp_replicate"] * world["dp_shard"],
                   zero=3 if native else p.zero_stage,
                   micro_batch=max(1, cfg.train.micro_batch // chunks), pp_microbatches=chunks,
                   activation_checkpoint=p.activation_checkpoint, sequence_parallel=p.sequence_parallel,
-                  schedule="gpipe" if p.pp_schedule == "gpipe" else "1f1b")
+                  schedule="gpipe" if p.pp_schedule == "gpipe" else "1f1b", engine=p.engine)
+
+
+PLAN_MARK = "# kiln-plan-assumptions: "
+
+
+def plan_assumptions(paths: list[str]) -> dict:
+    """The MFU, price and PUE a `kiln plan --out` file was planned with (its header comment), so
+    `kiln estimate plan.yaml` costs the run the way the plan did unless flags override them."""
+    import json
+
+    for path in paths:
+        try:
+            with open(path) as fh:
+                for line in fh:
+                    if not line.startswith("#"):
+                        break
+                    if line.startswith(PLAN_MARK):
+                        data = json.loads(line[len(PLAN_MARK):])
+                        return {k: data[k] for k in ("gpu", "mfu", "price_per_gpu_hour", "pue") if data.get(k)}
+        except (OSError, ValueError):
+            continue
+    return {}
 
 
 def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: float | None = None,
-             pue: float = costs.DEFAULT_PUE, headroom: float = 0.9) -> dict:
+             pue: float = costs.DEFAULT_PUE, headroom: float = 0.9, mfu_note: str | None = None) -> dict:
     from kiln.model import count_params, flops_per_token
 
     acc = lookup(gpu)
@@ -36,7 +61,9 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
     largest = max(terms, key=terms.get)
     per_step = cfg.train.global_batch_tokens or cfg.train.micro_batch * cfg.data.seq_len * lay.dp
     tokens = cfg.train.steps * per_step
-    used_mfu = mfu or costs.DEFAULT_MFU
+    default = costs.default_mfu(acc)
+    used_mfu = mfu or default.mfu
+    mfu_note = mfu_note or ("given (--mfu)" if mfu else f"default for {acc.name} from {default.source}")
     run = costs.run_cost(flops_per_token(cfg.model, cfg.data.seq_len) * tokens, acc, gpus, used_mfu, price, pue)
     return {
         "gpu": acc.name, "gpus": gpus, "params": count_params(cfg.model), "tokens": tokens,
@@ -48,7 +75,8 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
         "fits": mem["total"] <= usable, "largest_term": largest,
         "mfu": used_mfu, "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
         "energy_kwh": run.energy_kwh,
-        "assumptions": {"mfu": f"{used_mfu:.0%}" + ("" if mfu else " assumed"),
-                        "price": f"${run.price_usd_per_hour:g}/GPU-hour" + ("" if price else f" ({acc.price_note})"),
+        "mfu_source": mfu_note,
+        "assumptions": {"mfu": f"MFU {used_mfu:.1%}, {mfu_note}",
+                        "price": f"${run.price_usd_per_hour:.2f}/GPU-hour" + ("" if price else f" ({acc.price_note})"),
                         "power": f"TDP {acc.tdp_w} W x PUE {pue:g}" if acc.tdp_w else "energy n/a"},
     }

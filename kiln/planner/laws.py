@@ -9,6 +9,9 @@ Sources (constants cited where used; facts in shared/reference/planner.md):
                 constants from the paper's TeX, closed-form optimum.
   epoch         Besiroglu et al. 2024 (arXiv 2404.10102) refit of the same form (default).
   kaplan        Kaplan et al. 2020 (arXiv 2001.08361), for comparing exponents only.
+  sardana       Chinchilla's Approach 3 as Sardana et al. 2024 (arXiv 2401.00448) use it for the
+                inference-aware optimum (E 1.69, A 406.4, B 410.7, alpha 0.336, beta 0.283).
+  muennighoff   Muennighoff et al. 2023 (arXiv 2305.16264): repeated data (`DataConstrainedLaw`).
 Approaches 1 and 2 have no loss formula; their predicted loss is None.
 """
 from __future__ import annotations
@@ -122,6 +125,8 @@ def _builtin() -> dict:
             alpha=0.33917084, beta=0.2849083, source="Hoffmann et al. 2022, Approach 3, unrounded constants"),
         "epoch": ParametricLaw("epoch", E=1.8172, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658,
                                source="Besiroglu et al. 2024, Chinchilla replication"),
+        "sardana": ParametricLaw("sardana", E=1.69, A=406.4, B=410.7, alpha=0.336, beta=0.283,
+                                 source="Hoffmann et al. 2022 Approach 3 as used by Sardana et al. 2024"),
         "kaplan": KaplanLaw("kaplan", 1.3e9, 0.73, unit=PF_DAY, source="Kaplan et al. 2020 (non-embedding N)"),
     }
 
@@ -152,10 +157,19 @@ def load_law_file(path: Path) -> ParametricLaw:
 def inference_optimum(law: ParametricLaw, c: float, inference_tokens: float) -> tuple[float, float]:
     """Sardana et al. 2024 (arXiv 2401.00448): the (N, D_train) that reaches the loss of the
     compute-optimal model at budget C while minimising 6 N D_train + 2 N D_inf."""
+    n0, d0 = law.optimum(c)
+    return inference_optimum_at_loss(law, law.loss(n0, d0), inference_tokens, n_max=n0)
+
+
+def inference_optimum_at_loss(law: ParametricLaw, target: float, inference_tokens: float,
+                              n_max: float | None = None) -> tuple[float, float]:
+    """Sardana et al. 2024, sec. 2: minimise 6 N D_train + 2 N D_inf subject to L(N, D_train) =
+    target. With D_inf > 0 the optimum is never larger than the compute-optimal model at that
+    loss, which bounds the search from above."""
     from scipy.optimize import minimize_scalar
 
-    n0, d0 = law.optimum(c)
-    target = law.loss(n0, d0)
+    if not target > law.E:
+        raise KilnError(f"target loss {target:g} is at or below the law's irreducible loss E = {law.E:g}")
 
     def d_for(n: float) -> float:
         gap = target - law.E - law.A / n ** law.alpha
@@ -166,9 +180,79 @@ def inference_optimum(law: ParametricLaw, c: float, inference_tokens: float) -> 
         d = d_for(n)
         return math.log(6 * n * d + 2 * n * inference_tokens) if math.isfinite(d) else 1e9
 
-    # The loss constraint needs N > N_min where A/N^alpha = target - E; search above it.
+    # The loss constraint needs N > N_min where A/N^alpha = target - E; search above it, up to
+    # the compute-optimal N at this loss (where d(6ND)/dN = 0; extra inference only pushes N down).
     n_min = (law.A / (target - law.E)) ** (1 / law.alpha)
-    res = minimize_scalar(total, bounds=(math.log(n_min) + 1e-6, math.log(n0) + 1e-9), method="bounded",
-                          options={"xatol": 1e-8})
+    if n_max is None:
+        n_max = _compute_optimal_n_at_loss(law, target, n_min)
+    res = minimize_scalar(total, bounds=(math.log(n_min) + 1e-6, math.log(n_max) + 1e-9), method="bounded",
+                          options={"xatol": 1e-10})
     n = math.exp(res.x)
     return n, d_for(n)
+
+
+def _compute_optimal_n_at_loss(law: ParametricLaw, target: float, n_min: float) -> float:
+    """The N whose compute-optimal run reaches `target` (bisection on the closed-form optimum)."""
+    lo, hi = 1.0, 1e40
+    for _ in range(300):
+        mid = math.sqrt(lo * hi)
+        n, d = law.optimum(mid)
+        lo, hi = (mid, hi) if law.loss(n, d) > target else (lo, mid)
+    return max(law.optimum(hi)[0], n_min * 1.000001)
+
+
+@dataclass(frozen=True)
+class DataConstrainedLaw:
+    """Muennighoff et al. 2023 (arXiv 2305.16264), eq. 5 with the constants of their released fit
+    (github.com/huggingface/datablations, "Parametric Fit"): repeated tokens and parameters in
+    excess of what U unique tokens can use decay in value with R_D* and R_N*.
+
+    L(N, D, U) = E + A / (U_N + U_N R_N* (1 - exp(-R_N / R_N*)))^alpha
+                   + B / (U + U R_D* (1 - exp(-R_D / R_D*)))^beta
+    with R_D = D/U - 1 repetitions, U_N = min(N, N_opt(U)) and R_N = N/U_N - 1."""
+
+    name: str = "muennighoff"
+    E: float = math.exp(0.6254804)
+    A: float = math.exp(6.255414)
+    B: float = math.exp(7.3049974)
+    alpha: float = 0.3526596
+    beta: float = 0.3526596
+    rd_star: float = 15.387756
+    rn_star: float = 5.309743
+    source: str = "Muennighoff et al. 2023, data-constrained scaling (released fit)"
+
+    @property
+    def base(self) -> ParametricLaw:
+        return ParametricLaw(self.name, self.E, self.A, self.B, self.alpha, self.beta, self.source)
+
+    def params_for_tokens(self, d: float) -> float:
+        """The N whose compute-optimal token count is d (Chinchilla's closed form inverted)."""
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
+        return (d * g) ** (self.beta / self.alpha) * g
+
+    def loss(self, n: float, d: float, unique: float) -> float:
+        u = min(unique, d)
+        r_d = max(d / u - 1, 0.0)
+        u_n = min(n, self.params_for_tokens(u))
+        r_n = max(n / u_n - 1, 0.0)
+        n_eff = u_n + u_n * self.rn_star * (1 - math.exp(-r_n / self.rn_star))
+        d_eff = u + u * self.rd_star * (1 - math.exp(-r_d / self.rd_star))
+        return self.E + self.A / n_eff ** self.alpha + self.B / d_eff ** self.beta
+
+    def optimum(self, c: float, unique: float) -> tuple[float, float]:
+        """(N, D) with 6 N D = c minimising L(N, D, U), searched along the IsoFLOP curve."""
+        from scipy.optimize import minimize_scalar
+
+        n0, _ = self.base.optimum(c)
+        f = lambda x: self.loss(math.exp(x), c / (6 * math.exp(x)), unique)  # noqa: E731
+        # the loss is unimodal along the curve but has kinks where D = U and N = N_opt(U):
+        # a coarse grid picks the bracket, the bounded search refines it
+        grid = np.linspace(math.log(n0) - 6, math.log(n0) + 3, 181)
+        k = int(np.argmin([f(x) for x in grid]))
+        res = minimize_scalar(f, bounds=(grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]),
+                              method="bounded", options={"xatol": 1e-10})
+        n = math.exp(res.x)
+        return n, c / (6 * n)
+
+
+MUENNIGHOFF = DataConstrainedLaw()

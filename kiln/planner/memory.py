@@ -1,12 +1,16 @@
 """Per-GPU memory estimate for one layout, term by term, in bytes.
 
 Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
-  weights     bf16 working copy, 2 B/param
+  weights     kiln's native engine (FSDP2): the fp32 parameters themselves, 4 B/param (bf16 copies
+              exist only while a layer is all-gathered); DeepSpeed: bf16 working copy, 2 B/param
   grads       4 B/param (fp32 reduce, as kiln's FSDP2 policy) or 2 B (bf16)
-  optimizer   fp32 master + Adam m + v, 12 B/param
-  activations Korthikanti et al. 2022 (arXiv 2205.05198) per layer, times layers per stage,
-              times micro-batches in flight (1F1B: min(pp, microbatches) on the first stage)
-  logits      the output layer's 4 s b V / t bytes (Korthikanti sec. 4.3)
+  optimizer   native: Adam m + v, 8 B/param (the fp32 parameters are the master copy); DeepSpeed:
+              fp32 master + m + v, 12 B/param. Native total 16 B/param, as `kiln estimate --measure`
+              measures (the older 2 + 4 + 12 = 18 over-counted FSDP2 by 2 B/param)
+  activations Korthikanti et al. 2022 (arXiv 2205.05198)'s per-layer structure with constants
+              measured on kiln's model (ACT_*), times layers per stage, times micro-batches in
+              flight (1F1B: min(pp, microbatches) on the first stage)
+  logits      12 s b V / t bytes, measured (Korthikanti sec. 4.3 counts 4 s b V)
   comm        FSDP all-gather of two unsharded bf16 layers (current + prefetch) and one fp32
               reduce-scatter layer; DDP/ZeRO-1/2 gradient buckets (2 x 25 MB); TP/SP and
               pipeline send/receive buffers of 2 s b h bytes each.
@@ -39,6 +43,7 @@ class Layout:
     activation_checkpoint: str = "none"  # none | selective | full
     sequence_parallel: bool = True
     schedule: str = "1f1b"
+    engine: str = "native"  # native (FSDP2, fp32 params) | deepspeed (bf16 params + fp32 master)
 
     @property
     def shard(self) -> int:
@@ -67,20 +72,35 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> float:
     return layers * per_layer + edges
 
 
+# Bytes per s*b*h per layer stored for backward by kiln's model (SwiGLU, fp32 RMSNorm, bf16,
+# flash attention), measured with `kiln estimate --measure` (MemTracker under fake tensors, the
+# difference between 4 and 2 layers): 50 without recomputation (Korthikanti's 34 is a GeLU-MLP
+# figure), 2.5 with full recomputation (the layer input plus its norm statistics). Selective
+# recomputation is not measurable under the tracker yet; 25 is the figure reported with issue 13.
+ACT_NONE, ACT_SELECTIVE, ACT_FULL = 50.0, 25.0, 2.5
+# Logits peak: bf16 logits, their fp32 upcast, log-softmax and its gradient: 12 s b V bytes
+# measured (3x Korthikanti's 4 s b V).
+LOGITS_BYTES = 12.0
+
+
 def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, tp: int,
                                sequence_parallel: bool, checkpoint: str, flash: bool = True) -> float:
-    """Korthikanti et al. 2022, Table 2, with 16-bit activations. Flash attention stores no
-    s x s scores, so the 5 a s / h term is dropped when `flash`."""
+    """Korthikanti et al. 2022, Table 2's structure with kiln's measured constants (ACT_*): the
+    terms TP shards (all with sequence parallelism) divide by t; without SP, the 10/34 of the
+    stored bytes that are layer inputs and norms stay replicated. Without flash attention the
+    5 a s / h score term of Korthikanti is added."""
     s, b, h, a, t = seq_len, micro_batch, m.d_model, m.n_heads, tp
     sbh = s * b * h
     scores = 0.0 if flash else 5 * a * s / (h * t)
     sp = sequence_parallel and t > 1
     if checkpoint == "full":
-        return 2 * sbh / (t if sp else 1)
-    if t == 1:
-        return sbh * (34 + (0.0 if checkpoint == "selective" else 5 * a * s / h * (not flash)))
-    base = 34 / t if sp else 10 + 24 / t
-    return sbh * (base + (0.0 if checkpoint == "selective" else scores))
+        return ACT_FULL * sbh / (t if sp else 1)
+    base = ACT_SELECTIVE if checkpoint == "selective" else ACT_NONE
+    if t == 1 or sp:
+        per = base / t
+    else:
+        per = base * (10 / 34) + base * (24 / 34) / t
+    return sbh * (per + (0.0 if checkpoint == "selective" else scores))
 
 
 def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: int = 4,
@@ -88,9 +108,10 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     """Bytes per GPU for each term, plus 'total'."""
     p = stage_params(m, layout.tp, layout.pp)
     z, shard = layout.zero, layout.shard
-    weights = 2 * p / (shard if z >= 3 else 1)
+    native = layout.engine == "native"
+    weights = (4 if native else 2) * p / (shard if z >= 3 else 1)
     grads = grad_bytes * p / (shard if z >= 2 else 1)
-    optimizer = 12 * p / (shard if z >= 1 else 1)
+    optimizer = (8 if native else 12) * p / (shard if z >= 1 else 1)
 
     b, t = layout.micro_batch, layout.tp
     per_layer = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel,
@@ -105,7 +126,7 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     activations = layers * per_layer * in_flight
     if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
         activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none", flash)
-    logits = 4 * seq_len * b * m.vocab_size / t
+    logits = LOGITS_BYTES * seq_len * b * m.vocab_size / t
 
     layer_p = layer_matrix_params(m) / t
     comm = (2 * 2 * layer_p + 4 * layer_p) if z >= 3 and shard > 1 else (DDP_BUCKETS if layout.dp > 1 else 0)
@@ -113,5 +134,8 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     comm += (sbh2 if t > 1 else 0) + (2 * sbh2 if layout.pp > 1 else 0)
     terms = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
              "logits": logits, "comm_buffers": comm}
-    terms["total"] = sum(terms.values())
+    # Without accumulation the peak is at the loss, before backward allocates any gradient (as
+    # measured); with accumulation (or a pipeline's micro-batches) gradients live through forward.
+    holds_grads = layout.grad_accum > 1 or layout.pp > 1
+    terms["total"] = sum(terms.values()) - (0.0 if holds_grads else grads)
     return terms

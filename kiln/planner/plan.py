@@ -7,20 +7,23 @@ from dataclasses import dataclass, field
 from kiln.errors import KilnError
 from kiln.planner import cost as costs
 from kiln.planner.hardware import Accelerator, lookup
-from kiln.planner.laws import DEFAULT_LAW, ParametricLaw, get_law, inference_optimum
+from kiln.planner.laws import (DEFAULT_LAW, MUENNIGHOFF, ParametricLaw, get_law, inference_optimum,
+                               inference_optimum_at_loss)
 from kiln.planner.layout import DEFAULT_HEADROOM, GPUS_PER_NODE, choose_layout
 from kiln.planner.memory import GIB
 from kiln.planner.shapes import Shape, search_shape
 
 DEFAULT_VOCAB = 32000
+EVALS_PER_RUN = 50  # a plan's config evaluates ~50 times and at the last step, whatever its length
+CHECKPOINTS_PER_RUN = 20
 MAX_AUTO_DAYS = 30.0
 
 # Bounds that catch typos (a missing exponent, an extra zero), not ambition.
 BOUNDS = {
     "flops": (1e15, 1e30), "gpus": (1, 1_000_000), "days": (1e-3, 3650), "budget_usd": (1, 1e12),
-    "params": (1e6, 1e14), "tokens": (1e6, 1e16), "mfu": (1e-3, 1.0), "price_per_gpu_hour": (1e-3, 1000),
+    "params": (1e6, 1e14), "tokens": (1e6, 1e16), "mfu": (1e-3, 0.99), "price_per_gpu_hour": (1e-3, 1000),
     "inference_tokens": (0, 1e20), "vocab": (2, 10_000_000), "seq_len": (16, 1 << 20), "pue": (1.0, 3.0),
-    "headroom": (0.1, 1.0), "max_days": (1e-3, 3650),
+    "headroom": (0.1, 1.0), "max_days": (1e-3, 3650), "unique_tokens": (1e6, 1e16), "target_loss": (0.01, 20),
 }
 SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12, "p": 1e15}
 
@@ -54,6 +57,10 @@ class Request:
     tokens: float | None = None
     law: str = DEFAULT_LAW
     inference_tokens: float | None = None
+    unique_tokens: float | None = None
+    target_loss: float | None = None
+    law_given: bool = False
+    hparams: str = "deepseek"
     vocab: int = DEFAULT_VOCAB
     seq_len: int | None = None
     pue: float = costs.DEFAULT_PUE
@@ -66,7 +73,8 @@ class Request:
 
 def check_flags(r: Request) -> None:
     """Contradictory or incomplete flag sets: one line naming the conflict."""
-    budgets = [f for f, v in (("--flops", r.flops), ("--days", r.days), ("--budget-usd", r.budget_usd)) if v]
+    budgets = [f for f, v in (("--flops", r.flops), ("--days", r.days), ("--budget-usd", r.budget_usd),
+                              ("--target-loss", r.target_loss)) if v]
     if len(budgets) > 1:
         raise KilnError(f"give one budget, not {' and '.join(budgets)}")
     if budgets and r.params and r.tokens:
@@ -83,9 +91,22 @@ def check_flags(r: Request) -> None:
         raise KilnError("--mfu needs --gpu NAME")
     if not budgets and not (r.params or r.tokens):
         raise KilnError("give a budget: --flops C, --gpu NAME --gpus N --days D, --budget-usd X --gpu NAME, "
-                        "or fix the model with --params and/or --tokens")
-    if r.inference_tokens and (r.params or r.tokens):
-        raise KilnError("--inference-tokens chooses N and D itself; drop --params/--tokens")
+                        "--target-loss L, or fix the model with --params and/or --tokens")
+    if r.target_loss and (r.params or r.tokens):
+        raise KilnError("--target-loss chooses N and D itself; drop --params/--tokens")
+    if r.inference_tokens and bool(r.params) != bool(r.tokens):
+        raise KilnError("--inference-tokens chooses N and D itself: drop --params/--tokens, or give both "
+                        "(then the plan matches that model's loss at the least lifetime cost)")
+    if r.unique_tokens:
+        if r.law_given and r.law != "muennighoff":
+            raise KilnError(f"--unique-tokens uses Muennighoff et al.'s repeated-data law; drop --law {r.law}")
+        if r.inference_tokens or r.target_loss:
+            raise KilnError("--unique-tokens does not combine with --inference-tokens or --target-loss")
+        if r.tokens and r.tokens < r.unique_tokens:
+            raise KilnError(f"--unique-tokens {r.unique_tokens:g} exceeds --tokens {r.tokens:g}: "
+                            "a run cannot see more unique tokens than it trains on")
+    elif r.law == "muennighoff":
+        raise KilnError("--law muennighoff needs --unique-tokens U (the law is about repeating U unique tokens)")
 
 
 def budget_flops(r: Request, acc: Accelerator | None, mfu: float) -> float | None:
@@ -110,17 +131,23 @@ def _invert(law, target: float, index: int) -> float:
 
 def law_point(r: Request, law, c: float | None) -> tuple[float, float]:
     """(N, D) before shaping."""
+    if (r.inference_tokens or r.target_loss) and not isinstance(law, ParametricLaw):
+        raise KilnError(f"--inference-tokens and --target-loss need a law with a loss formula "
+                        f"(chinchilla-3, epoch, sardana, or a fit), not {law.name}")
+    if r.params and r.tokens and r.inference_tokens:  # Sardana: that model's loss, least lifetime cost
+        return inference_optimum_at_loss(law, law.loss(r.params, r.tokens), r.inference_tokens)
     if r.params and r.tokens:
         return r.params, r.tokens
     if r.params:
         return r.params, (c / (6 * r.params) if c else law.optimum(_invert(law, r.params, 0))[1])
     if r.tokens:
         return (c / (6 * r.tokens) if c else law.optimum(_invert(law, r.tokens, 1))[0]), r.tokens
+    if r.target_loss:
+        return inference_optimum_at_loss(law, r.target_loss, r.inference_tokens or 0.0)
     if r.inference_tokens:
-        if not isinstance(law, ParametricLaw):
-            raise KilnError(f"--inference-tokens needs a law with a loss formula (chinchilla-3, epoch, or a fit), "
-                            f"not {law.name}")
         return inference_optimum(law, c, r.inference_tokens)
+    if r.unique_tokens:
+        return MUENNIGHOFF.optimum(c, r.unique_tokens)
     return law.optimum(c)
 
 
@@ -131,8 +158,9 @@ def default_seq_len(params: float) -> int:
 def make_plan(r: Request) -> dict:
     check_flags(r)
     acc = lookup(r.gpu) if r.gpu else None
-    mfu = r.mfu or costs.DEFAULT_MFU
-    law = get_law(r.law)
+    mfu_default = costs.default_mfu(acc) if acc else None
+    mfu = r.mfu or (mfu_default.mfu if acc else costs.DEFAULT_MFU)
+    law = MUENNIGHOFF.base if r.unique_tokens else get_law(r.law)
     c = budget_flops(r, acc, mfu)
     n_law, d_law = law_point(r, law, c)
     seq_len = r.seq_len or default_seq_len(n_law)
@@ -147,9 +175,9 @@ def make_plan(r: Request) -> dict:
             seq_len = r.seq_len or default_seq_len(n_law)
             shape = search_shape(n_law, r.vocab, seq_len, name=r.name)
     n = shape.params
-    tokens = r.tokens if r.tokens else n_law * d_law / n  # keep the compute 6ND when N moves to the shape
-    loss = law.loss(n, tokens)
-    ds_c = costs.deepseek_compute(shape.model, seq_len, tokens)
+    tokens = r.tokens if r.tokens and not r.inference_tokens else n_law * d_law / n  # keep the compute 6ND when N moves to the shape
+    loss = MUENNIGHOFF.loss(n, tokens, r.unique_tokens) if r.unique_tokens else law.loss(n, tokens)
+    hp = costs.hyperparameters(r.hparams, shape.model, seq_len, n, tokens)
     out = {
         "law": law.name, "law_source": law.source,
         "compute_flops": 6 * n * tokens, "budget_flops": c,
@@ -160,19 +188,34 @@ def make_plan(r: Request) -> dict:
         "appendix_f_flops_per_token": shape.appendix_f_flops_per_token,
         "model_flops": shape.flops_per_token * tokens,
         "appendix_f_flops": shape.appendix_f_flops_per_token * tokens,
-        "lr": costs.deepseek_lr(ds_c), "batch_tokens_opt": costs.deepseek_batch_tokens(ds_c),
+        "lr": hp["lr"], "batch_tokens_opt": hp["batch_tokens"], "hparams": hp,
         "inference_tokens": r.inference_tokens,
         "gpu": acc.name if acc else None, "gpus": None, "mfu": mfu if acc else None,
         "layout": None, "memory_gib_per_gpu": None, "memory_breakdown_gib": None,
         "gpu_hours": None, "wall_days": None, "cost_usd": None, "energy_kwh": None,
         "assumptions": {},
     }
-    if r.inference_tokens:
-        n0, d0 = law.optimum(c)
+    if r.inference_tokens or r.target_loss:
+        if r.target_loss:
+            target = r.target_loss
+        elif r.params and r.tokens:
+            target = law.loss(r.params, r.tokens)
+        else:
+            target = law.loss(*law.optimum(c))
+        n0, d0 = inference_optimum_at_loss(law, target, 0.0)
+        out["target_loss"] = target
         out["compute_optimal"] = {"params": n0, "tokens": d0, "loss": law.loss(n0, d0)}
-        out["total_flops_with_inference"] = 6 * n * tokens + 2 * n * r.inference_tokens
+        out["total_flops_with_inference"] = 6 * n * tokens + 2 * n * (r.inference_tokens or 0.0)
+        out["law_params_tokens"] = [n_law, d_law]
+    if r.unique_tokens:
+        n0, d0 = law.optimum(6 * n * tokens)
+        out["unique_tokens"] = r.unique_tokens
+        out["epochs"] = tokens / r.unique_tokens
+        out["unconstrained"] = {"params": n0, "tokens": d0, "loss": MUENNIGHOFF.loss(n0, d0, r.unique_tokens),
+                                "loss_if_unique": law.loss(n0, d0)}
     if acc:
         _add_hardware(out, r, acc, mfu, shape)
+        out["mfu_source"] = "given (--mfu)" if r.mfu else mfu_default.source
     out["_shape"] = shape
     return out
 
@@ -194,12 +237,14 @@ def _add_hardware(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Sh
         "memory_breakdown_gib": {k: v / GIB for k, v in plan.memory.items()},
         "memory_usable_gib": acc.memory_bytes * r.headroom / GIB,
         "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
+        "price_per_gpu_hour": run.price_usd_per_hour, "pue": r.pue,
         "energy_kwh": run.energy_kwh,
     })
     a = out["assumptions"]
-    a["mfu"] = f"{mfu:.0%}" + ("" if r.mfu else " (assumed default; pass --mfu)")
-    a["price"] = (f"{run.price_usd_per_hour:g}" +
-                                   (" (given)" if r.price_per_gpu_hour else f" ({acc.price_note}; pass --price-per-gpu-hour)"))
+    a["mfu"] = (f"{mfu:.1%} (given)" if r.mfu else
+                f"{mfu:.1%}, default for {acc.name} from {costs.default_mfu(acc).source}; pass --mfu")
+    a["price"] = (f"${run.price_usd_per_hour:.2f}/GPU-hour" +
+                  (" (given)" if r.price_per_gpu_hour else f" ({acc.price_note}; pass --price-per-gpu-hour)"))
     a["power"] = (f"TDP {acc.tdp_w:g} W x PUE {r.pue:g}" if acc.tdp_w else "no TDP in the table: energy n/a")
     a["memory"] = f"{r.headroom:.0%} of {acc.memory_gb:g} GB usable; FSDP over all data-parallel ranks"
     if not r.gpus:
@@ -207,7 +252,8 @@ def _add_hardware(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Sh
 
 
 def _auto_gpus(out: dict, r: Request, acc: Accelerator, mfu: float, shape: Shape) -> int:
-    counts = [1, 2, 4] + [GPUS_PER_NODE * 2 ** k for k in range(18)]
+    limit = int(BOUNDS["gpus"][1])  # never choose more than --gpus accepts
+    counts = [g for g in [1, 2, 4] + [GPUS_PER_NODE * 2 ** k for k in range(18)] if g <= limit]
     last_error = None
     for g in counts:
         run = costs.run_cost(out["model_flops"], acc, g, mfu)
@@ -246,8 +292,9 @@ def to_config(plan: dict, data_path: str, launcher: str | None = None):
         optim=OptimConfig(lr=float(f"{plan['lr']:.3g}"), warmup_steps=min(2000, max(1, steps // 10))),
         train=TrainConfig(name=shape.model.name, steps=steps,
                           micro_batch=lay["micro_batch"] * (lay["pp_microbatches"] if pipelined else 1),
-                          global_batch_tokens=lay["global_batch_tokens"], device="auto"),
-        checkpoint=CheckpointConfig(every=max(100, steps // 50)),
+                          global_batch_tokens=lay["global_batch_tokens"], device="auto",
+                          eval_every=math.ceil(steps / EVALS_PER_RUN)),
+        checkpoint=CheckpointConfig(every=math.ceil(steps / CHECKPOINTS_PER_RUN)),
         cluster=ClusterConfig(launcher=launcher or ("slurm" if nodes > 1 else "local"), nodes=nodes,
                               gpus_per_node=per_node),
     )

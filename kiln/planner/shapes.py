@@ -77,6 +77,13 @@ def appendix_f_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     return 3 * forward / s
 
 
+def largest_params(vocab_size: int, seq_len: int) -> int:
+    """The largest model the search can build: the widest d_model at its deepest aspect ratio."""
+    d = D_STEPS[-1][2]
+    layers = max(n for n in range(2, 513) if _layer_ok(n) and d / n >= ASPECT_RANGE[0])
+    return count(make_model(d, layers, int(FFN_RANGE[1] * d), vocab_size, seq_len, "largest"))
+
+
 def _layer_ok(n_layers: int) -> bool:
     if n_layers >= 32:
         return n_layers % 8 == 0
@@ -122,6 +129,10 @@ def search_shape(target_params: float, vocab_size: int, seq_len: int, tolerance:
                              + 0.5 * abs(math.log(f / d / FFN_TARGET)) + err)
                     if score < best_score:
                         best_score, best = score, (d, n_layers, f)
+    if best is None and target_params > largest_params(vocab_size, seq_len):
+        raise KilnError(f"the law asks for {target_params:.4g} parameters, more than the largest shape the planner "
+                        f"builds ({largest_params(vocab_size, seq_len):.3g}: d_model {D_STEPS[-1][2]}); the budget "
+                        "is too large for one model: lower it or fix --params")
     if best is None:
         raise KilnError(f"no shape within {tolerance:.0%} of {target_params:.4g} parameters with vocab "
                         f"{vocab_size}; the embeddings alone hold {2 * vocab_size * 128:.3g} parameters at d_model 128 "
