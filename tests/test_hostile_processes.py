@@ -24,6 +24,7 @@ from conftest import kill_tree, run_group
 
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
         "data.synthetic=markov", "data.seq_len=32", "train.micro_batch=4", "train.eval_every=0",
+        "train.global_batch_tokens=256",  # one global batch for 1 or 2 processes: resumes across them agree
         "train.device=cpu", "checkpoint.every=1000", "checkpoint.keep_last=2", "logging.log_every=1",
         "logging.tensorboard=false", "logging.progress=false"]
 BUSY = "train.steps=1000000"  # never finishes on its own: the test ends it

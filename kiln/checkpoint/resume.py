@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from kiln.config import Config, from_yaml_text
+from kiln.config import Config, config_hash, from_yaml_text
 from kiln.errors import KilnError
 from kiln.optim import lr_at
 
@@ -33,8 +33,8 @@ def check_resume(cfg: Config, ckpt: Path, meta: dict, step_tokens: int) -> None:
         raise KilnError(f"train.steps={cfg.train.steps} is below the step of checkpoint {ckpt} ({step}); "
                         f"raise train.steps to train on, or {FRESH}")
     saved_file = Path(ckpt) / "config.yaml"
-    if meta.get("model_only") or not saved_file.is_file():
-        return
+    if meta.get("model_only") or not saved_file.is_file() or meta.get("config_hash") not in (None, config_hash(cfg)):
+        return  # a different model shape: loading refuses it with that, the more basic, message
     try:
         saved = from_yaml_text(saved_file.read_text())
     except Exception as exc:  # an older schema: nothing to compare against
