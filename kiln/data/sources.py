@@ -175,15 +175,8 @@ def _file_documents(path: Path, text_field: str) -> Iterator[Document]:
             raise KilnError(f"{path}: cannot read parquet ({exc})") from None
         if text_field not in pf.schema_arrow.names:
             raise KilnError(f"{path}: no column {text_field!r} (columns: {', '.join(pf.schema_arrow.names)})")
-        row = 0
-        for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
-            for text in batch.column(0).to_pylist():
-                row += 1
-                if isinstance(text, bytes):
-                    text, bad = _decode(text)
-                    yield Document(text, f"{path}#{row}", bad)
-                elif text is not None:
-                    yield Document(str(text), f"{path}#{row}")
+        yield from _rows((b.column(0).to_pylist() for b in pf.iter_batches(columns=[text_field], batch_size=4096)),
+                         path)
     else:
         text, bad = _decode(path.read_bytes())
         yield Document(text, str(path), bad)
@@ -207,9 +200,15 @@ def _arrow_documents(path: Path, text_field: str) -> Iterator[Document]:
         raise KilnError(f"{path}: cannot read arrow ({exc})") from None
     if text_field not in names:
         raise KilnError(f"{path}: no column {text_field!r} (columns: {', '.join(names)}); set --text-field")
+    yield from _rows((b.column(names.index(text_field)).to_pylist() for b in batches), path)
+
+
+def _rows(columns: Iterator[list], path: Path) -> Iterator[Document]:
+    """Documents from a text column read in batches (parquet, arrow): bytes decoded, nulls skipped,
+    each named by its 1-based row."""
     row = 0
-    for batch in batches:
-        for text in batch.column(names.index(text_field)).to_pylist():
+    for texts in columns:
+        for text in texts:
             row += 1
             if isinstance(text, bytes):
                 text, bad = _decode(text)
