@@ -1,8 +1,8 @@
 """Reading DCP checkpoints without running code from them.
 
 A DCP directory holds two pickled things: the `.metadata` file and the non-tensor ("bytes")
-items such as optimizer `param_groups`. torch unpickles both freely (`pickle.load`, and
-`torch.load(weights_only=False)` in the default load planner), so a planted checkpoint could run
+items such as optimizer `param_groups`. torch unpickles both freely (`pickle.load`, and an
+unrestricted torch load with weights_only off in the default load planner), so a planted checkpoint could run
 code on resume, `kiln generate` or `kiln convert`. Here:
 
 - `.metadata` is read by an unpickler that admits an exact list of (module, name) pairs, the
