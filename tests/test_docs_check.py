@@ -78,4 +78,6 @@ def test_the_repository_docs_extract_and_every_page_is_reached():
     assert pages[0] == "README.md" and set(pages[1:]) == {p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md")}
     assert len(cmds) > 30
     skipped = [c for c in cmds if c.skip]
-    assert len(skipped) <= 6, [c.where for c in skipped]  # illustrative-only blocks stay few
+    # illustrative-only blocks stay few: a template, a real GPU cluster, a benchmark, hours of CPU, your own runs
+    blocks = {(c.page, c.skip) for c in skipped}
+    assert len(blocks) <= 8, sorted(blocks)
