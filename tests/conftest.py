@@ -55,3 +55,12 @@ def final_state(run_dir: Path) -> dict:
     last = max(losses)
     return {"step": last, "tokens": losses[last][0], "loss": losses[last][1], "ckpt_step": meta["step"],
             "ckpt_tokens": meta["tokens"], "data_state": meta["data_state"], "steps_logged": sorted(losses)}
+
+
+def logged_step(run_dir: Path) -> int:
+    """The newest step a run has logged to metrics.jsonl (0 before the first line is complete)."""
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0
+    return max((json.loads(l)["step"] for l in lines if l.strip().endswith("}")), default=0)

@@ -8,7 +8,6 @@ deterministic error (exit 2) must not be retried, whatever --max-restarts says; 
 closes the pipe must not produce a BrokenPipeError. The signal-handler and launcher-watch rows run
 small Python processes without torch.
 """
-import json
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import kill_tree, run_group
+from conftest import kill_tree, run_group, logged_step
 
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
         "data.synthetic=markov", "data.seq_len=32", "train.micro_batch=4", "train.eval_every=0",
@@ -43,14 +42,6 @@ def _env():
 def _launch(tmp_path, name, *args):
     return [sys.executable, "-m", "kiln.cli", "launch", *TINY, f"train.run_dir={tmp_path}", f"train.name={name}",
             "--nproc", "2", *args]
-
-
-def _logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return max((json.loads(l)["step"] for l in lines if l.strip().endswith("}")), default=0)
 
 
 def _workers(pid: int) -> list:
@@ -87,7 +78,7 @@ class Started:
 
     def wait_training(self, nproc: int = 2, timeout: float = 300) -> None:
         deadline = time.time() + timeout
-        while _logged_step(self.run_dir) < 2 or len(self.workers) < nproc:
+        while logged_step(self.run_dir) < 2 or len(self.workers) < nproc:
             assert self.proc.poll() is None and time.time() < deadline, self.output()[-3000:]
             self.workers = _workers(self.proc.pid)
             time.sleep(0.1)

@@ -5,7 +5,6 @@ loss and data position. The MPI launch and a run whose worker is SIGKILLed mid-w
 the agent, resumed from its last checkpoint) must end on exactly that step, token count, data
 position and loss.
 """
-import json
 import os
 import re
 import signal
@@ -15,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import final_state, kill_tree, run_group
+from conftest import final_state, kill_tree, run_group, logged_step
 
 STEPS = 30
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
@@ -83,14 +82,6 @@ def _cmdline(pid: int) -> str:
         return ""
 
 
-def _logged_step(run_dir: Path) -> int:
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return 0
-    return max((json.loads(l)["step"] for l in lines if l.strip().endswith("}")), default=0)
-
-
 @pytest.mark.timeout(480)
 def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path, reference):
     run_dir = tmp_path / "killed"
@@ -99,12 +90,12 @@ def test_sigkilled_worker_is_restarted_and_resumes_from_its_checkpoint(tmp_path,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 300
-        while _logged_step(run_dir) < 7:  # past the step-5 checkpoint, so some work is lost and redone
+        while logged_step(run_dir) < 7:  # past the step-5 checkpoint, so some work is lost and redone
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "launch.log").read_text()[-3000:]
             time.sleep(0.05)
         workers = [p for p in _children(proc.pid) if "kiln.cli train" in _cmdline(p)]
         assert len(workers) == 2, workers
-        killed_at = _logged_step(run_dir)
+        killed_at = logged_step(run_dir)
         os.kill(workers[1], signal.SIGKILL)
         assert proc.wait(timeout=400) == 0, (tmp_path / "launch.log").read_text()[-3000:]
     finally:
