@@ -128,6 +128,44 @@ class ModelConfig:
     mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
     attention_window: Optional[int] = ranged(None, 1, 2 ** 24)  # sliding window: a query sees this many keys, itself included
 
+    # Shape facts, resolved once here so the model, planner, converters and checks agree.
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (GQA groups): explicit, or one per query head."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        """Per-head width: explicit head_dim (Mistral Nemo, Gemma) or d_model / n_heads."""
+        return self.head_dim if self.head_dim is not None else self.d_model // self.n_heads
+
+    @property
+    def ffn_hidden(self) -> int:
+        """The SwiGLU hidden size: explicit ffn_dim, or Llama's 8/3 d_model rounded up to multiple_of."""
+        if self.ffn_dim is not None:
+            return self.ffn_dim
+        return self.multiple_of * math.ceil(int(8 * self.d_model / 3) / self.multiple_of)
+
+    @property
+    def params_per_layer(self) -> int:
+        """Parameters of one transformer block: q/o, k/v and the three SwiGLU matrices, two norms, biases."""
+        d, f = self.d_model, self.ffn_hidden
+        d_q, d_kv = self.n_heads * self.dim_per_head, self.kv_heads * self.dim_per_head
+        n = 2 * d * d_q + 2 * d * d_kv + 3 * d * f + 2 * d
+        n += d_q + 2 * d_kv if self.attention_bias or self.qkv_bias else 0
+        n += d if self.attention_bias else 0
+        n += 2 * f + d if self.mlp_bias else 0
+        return n
+
+    def tp_conflict(self, tp: int) -> Optional[str]:
+        """Why tensor parallelism of degree `tp` cannot split this model, or None if it can."""
+        for what, n in (("model.n_heads", self.n_heads), ("model.n_kv_heads", self.kv_heads),
+                        ("model ffn_dim", self.ffn_hidden), ("model.vocab_size", self.vocab_size)):
+            if n % tp:
+                extra = " (vocab-parallel embedding/output)" if what == "model.vocab_size" else ""
+                return f"{what}={n} is not divisible by tp={tp}{extra}"
+        return None
+
 
 @dataclass
 class ParallelConfig:
@@ -448,24 +486,13 @@ def config_hash(cfg: Config) -> str:
     """A short hash of the model's tensor shapes: checkpoints refuse to load into a different
     shape, but not into a recipe that only renames the model or changes its attention kernel."""
     m = cfg.model
-    shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.n_kv_heads or m.n_heads, ffn_dim(m), m.tie_embeddings)
-    variant = (head_dim(m), m.attention_bias, m.qkv_bias, m.mlp_bias)
+    shape = (m.vocab_size, m.d_model, m.n_layers, m.n_heads, m.kv_heads, m.ffn_hidden, m.tie_embeddings)
+    variant = (m.dim_per_head, m.attention_bias, m.qkv_bias, m.mlp_bias)
     if variant != (m.d_model // m.n_heads, False, False, False):  # older hashes stay valid
         shape += variant
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
 
-def head_dim(m: ModelConfig) -> int:
-    """Per-head width: explicit (Mistral Nemo, Gemma) or d_model / n_heads."""
-    return m.head_dim if m.head_dim is not None else m.d_model // m.n_heads
-
-
-def ffn_dim(m: ModelConfig) -> int:
-    """The SwiGLU hidden size: explicit, or Llama's 8/3 d_model rounded up to multiple_of."""
-    if m.ffn_dim is not None:
-        return m.ffn_dim
-    hidden = int(8 * m.d_model / 3)
-    return m.multiple_of * math.ceil(hidden / m.multiple_of)
 
 
 def _check(cond: bool, key: str, message: str) -> None:
@@ -483,8 +510,7 @@ def validate(cfg: Config) -> None:
     else:
         _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
     _validate_rope_scaling(m)
-    kv = m.n_kv_heads or m.n_heads
-    _check(m.n_heads % kv == 0, "model.n_kv_heads", f"{kv} must divide model.n_heads={m.n_heads}")
+    _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", f"{m.kv_heads} must divide model.n_heads={m.n_heads}")
     _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
     _validate_layout(cfg)
     d = cfg.data
@@ -536,12 +562,9 @@ def _validate_layout(cfg: Config) -> None:
     """The layout rules that need no world size: what tensor and pipeline parallelism require of the
     model, the batch and the schedule. `kiln.parallel.check_layout` adds the world-size check."""
     p, m = cfg.parallel, cfg.model
-    kv, tp, pp = m.n_kv_heads or m.n_heads, p.tp, p.pp
-    _check(m.n_heads % tp == 0, "parallel.tp", f"model.n_heads={m.n_heads} is not divisible by tp={tp}")
-    _check(kv % tp == 0, "parallel.tp", f"model.n_kv_heads={kv} is not divisible by tp={tp}")
-    _check(ffn_dim(m) % tp == 0, "parallel.tp", f"model ffn_dim={ffn_dim(m)} is not divisible by tp={tp}")
-    _check(m.vocab_size % tp == 0, "parallel.tp",
-           f"model.vocab_size={m.vocab_size} is not divisible by tp={tp} (vocab-parallel embedding/output)")
+    tp, pp = p.tp, p.pp
+    conflict = m.tp_conflict(tp)
+    _check(conflict is None, "parallel.tp", conflict or "")
     if p.sequence_parallel and tp > 1:
         _check(cfg.data.seq_len % tp == 0, "data.seq_len",
                f"{cfg.data.seq_len} is not divisible by tp={tp} (sequence parallel shards the sequence)")
@@ -585,15 +608,25 @@ def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:
     return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
 
 
+def micro_step_tokens(cfg: Config, dp_size: int) -> int:
+    """Tokens one micro-step consumes over all DP ranks."""
+    return cfg.train.micro_batch * cfg.data.seq_len * dp_size
+
+
 def grad_accum_steps(cfg: Config, dp_size: int) -> int:
     """Micro-steps per optimizer step so that a step sees train.global_batch_tokens tokens."""
-    per_micro = cfg.train.micro_batch * cfg.data.seq_len * dp_size
+    per_micro = micro_step_tokens(cfg, dp_size)
     target = cfg.train.global_batch_tokens
     if target is None:
         return 1
     _check(target % per_micro == 0, "train.global_batch_tokens",
            f"{target} is not a multiple of micro_batch*seq_len*dp = {per_micro}")
     return target // per_micro
+
+
+def tokens_per_step(cfg: Config, dp_size: int) -> int:
+    """Tokens one optimizer step consumes: train.global_batch_tokens, or one micro-batch per DP rank."""
+    return micro_step_tokens(cfg, dp_size) * grad_accum_steps(cfg, dp_size)
 
 
 def as_dict(cfg: Any) -> dict:

@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from kiln.checkpoint.manager import CheckpointManager, read_meta
 from kiln.checkpoint.resume import check_resume
-from kiln.config import Config, config_hash, grad_accum_steps, run_dir_of, save_run_config, to_yaml
+from kiln.config import (Config, config_hash, grad_accum_steps, micro_step_tokens, run_dir_of, save_run_config,
+                         to_yaml, tokens_per_step)
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
 from kiln.model import Transformer, flops_per_token
@@ -133,7 +134,7 @@ def train(cfg: Config) -> dict:
         lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
     accum = grad_accum_steps(cfg, rt.dp_size)
-    step_tokens = cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size * accum
+    step_tokens = tokens_per_step(cfg, rt.dp_size)
     if resume_from is not None:
         check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
 
@@ -141,7 +142,7 @@ def train(cfg: Config) -> dict:
     if cfg.train.noise_scale:
         from kiln.noise_scale import NoiseScale
 
-        noise = NoiseScale(accum, cfg.train.micro_batch * cfg.data.seq_len * rt.dp_size, step_tokens,
+        noise = NoiseScale(accum, micro_step_tokens(cfg, rt.dp_size), step_tokens,
                            cfg.parallel.engine)
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
     val_loader = None

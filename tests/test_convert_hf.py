@@ -65,7 +65,7 @@ def test_hf_logits_match_kiln(tmp_path, case):
         assert "model.safetensors" in files
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     m = cfg.model
-    assert config["num_key_value_heads"] == (m.n_kv_heads or m.n_heads)
+    assert config["num_key_value_heads"] == m.kv_heads
     assert config["tie_word_embeddings"] == m.tie_embeddings
     assert config["rope_theta"] == m.rope_theta and config["rms_norm_eps"] == m.norm_eps
     assert ("lm_head.weight" in read_safetensors(tmp_path / "hf")) != m.tie_embeddings

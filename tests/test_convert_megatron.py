@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 from kiln.checkpoint.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
 from kiln.checkpoint.megatron import rank_dir_name
-from kiln.config import Config, ModelConfig, ffn_dim
+from kiln.config import Config, ModelConfig
 from kiln.errors import KilnError
 from kiln.launcher.bootstrap import shutdown
 from kiln.model.llama import Transformer
@@ -76,7 +76,7 @@ def _worker(rank: int, world: int, port: int, tp: int, pp: int, m: ModelConfig, 
         meta = json.loads((Path(ckpt) / "megatron_config.json").read_text())
         config = TransformerConfig(
             kv_channels=meta["kv_channels"], num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
-            num_query_groups=m.n_kv_heads or m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
+            num_query_groups=m.kv_heads, ffn_hidden_size=m.ffn_hidden, normalization="RMSNorm",
             layernorm_epsilon=m.norm_eps, gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False,
             bias_activation_fusion=False, masked_softmax_fusion=False, bias_dropout_fusion=False,
             attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
@@ -281,7 +281,7 @@ def _megatron_lm_args(m: ModelConfig, padded_vocab: int, **changes):
 
     fields = dict(num_layers=m.n_layers, hidden_size=m.d_model, num_attention_heads=m.n_heads,
                   group_query_attention=m.n_kv_heads is not None, num_query_groups=m.n_kv_heads or 1,
-                  kv_channels=m.d_model // m.n_heads, ffn_hidden_size=ffn_dim(m), normalization="RMSNorm",
+                  kv_channels=m.d_model // m.n_heads, ffn_hidden_size=m.ffn_hidden, normalization="RMSNorm",
                   norm_epsilon=m.norm_eps, swiglu=True, add_bias_linear=False, add_qkv_bias=False,
                   position_embedding_type="rope", rotary_base=int(m.rope_theta), rotary_percent=1.0,
                   rotary_interleaved=False, use_rope_scaling=False, rope_scaling_factor=8.0,

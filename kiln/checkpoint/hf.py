@@ -19,8 +19,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
-                                    interleaved_to_half, iter_checked, kiln_shapes, n_kv_heads)
+from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved,
+                                    interleaved_to_half, iter_checked, kiln_shapes)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.data.tokenizer import RUN_IDENTITY
 from kiln.errors import KilnError
@@ -64,7 +64,7 @@ def to_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     if name.endswith(("attention.wq.weight", "attention.wq.bias")):
         return interleaved_to_half(t, m.n_heads)
     if name.endswith(("attention.wk.weight", "attention.wk.bias")):
-        return interleaved_to_half(t, n_kv_heads(m))
+        return interleaved_to_half(t, m.kv_heads)
     return t
 
 
@@ -72,7 +72,7 @@ def from_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     if name.endswith(("attention.wq.weight", "attention.wq.bias")):
         return half_to_interleaved(t, m.n_heads)
     if name.endswith(("attention.wk.weight", "attention.wk.bias")):
-        return half_to_interleaved(t, n_kv_heads(m))
+        return half_to_interleaved(t, m.kv_heads)
     return t
 
 
@@ -115,8 +115,8 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Any]) -> di
         "intermediate_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
-        "num_key_value_heads": n_kv_heads(m),
-        "head_dim": head_dim(m),
+        "num_key_value_heads": m.kv_heads,
+        "head_dim": m.dim_per_head,
         "hidden_act": "silu",
         "max_position_embeddings": m.max_seq_len,
         "initializer_range": m.init_std,

@@ -8,7 +8,7 @@ import torch
 
 import dataclasses
 
-from kiln.config import Config, ModelConfig, head_dim as _head_dim, validate
+from kiln.config import Config, ModelConfig, validate
 from kiln.errors import KilnError
 
 
@@ -34,14 +34,6 @@ def validate_model(cfg: Config) -> None:
     (the data comes with the training recipe that starts from the converted weights)."""
     data = dataclasses.replace(cfg.data, path=cfg.data.path or "(set by the training recipe)")
     validate(dataclasses.replace(cfg, data=data))
-
-
-def head_dim(m: ModelConfig) -> int:
-    return _head_dim(m)
-
-
-def n_kv_heads(m: ModelConfig) -> int:
-    return m.n_kv_heads or m.n_heads
 
 
 def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, ...], origin: str) -> torch.Tensor:

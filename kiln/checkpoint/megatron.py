@@ -27,8 +27,8 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved, head_dim,
-                                    interleaved_to_half, kiln_shapes, n_kv_heads)
+from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved,
+                                    interleaved_to_half, kiln_shapes)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.errors import KilnError
 
@@ -84,7 +84,7 @@ def megatron_meta(m: ModelConfig, tp: int, pp: int, vocab_multiple: int) -> dict
     """Everything needed to build the matching TransformerConfig and GPTModel (plain data)."""
     return {**megatron_rope(m),
         "num_layers": m.n_layers, "hidden_size": m.d_model, "num_attention_heads": m.n_heads,
-        "num_query_groups": n_kv_heads(m), "kv_channels": head_dim(m),
+        "num_query_groups": m.kv_heads, "kv_channels": m.dim_per_head,
         "ffn_hidden_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
         "normalization": "RMSNorm", "layernorm_epsilon": m.norm_eps, "gated_linear_unit": True,
         "activation_func": "silu", "add_bias_linear": False, "position_embedding_type": "rope",
@@ -105,7 +105,7 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _fused_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m: ModelConfig) -> torch.Tensor:
-    groups, hd = n_kv_heads(m), head_dim(m)
+    groups, hd = m.kv_heads, m.dim_per_head
     q = interleaved_to_half(q, m.n_heads).reshape(groups, -1, q.shape[1])
     k = interleaved_to_half(k, groups).reshape(groups, hd, k.shape[1])
     return torch.cat([q, k, v.reshape(groups, hd, v.shape[1])], dim=1).reshape(-1, q.shape[-1])
@@ -319,7 +319,7 @@ def _config_from_meta(meta: dict[str, Any], origin: str) -> Config:
 
 def split_qkv(qkv: torch.Tensor, m: ModelConfig, key: str, meta: dict, origin: str) -> dict[str, torch.Tensor]:
     """A full (all TP ranks) fused linear_qkv weight -> kiln's wq, wk, wv (interleaved RoPE rows)."""
-    groups, hd = n_kv_heads(m), head_dim(m)
+    groups, hd = m.kv_heads, m.dim_per_head
     check_shape(key, qkv, ((m.n_heads + 2 * groups) * hd, m.d_model), origin)
     q, k, v = torch.split(qkv.reshape(groups, -1, m.d_model), [m.n_heads // groups * hd, hd, hd], dim=1)
     q, k, v = (t.reshape(-1, m.d_model) for t in (q, k, v))
@@ -331,7 +331,7 @@ def split_qkv(qkv: torch.Tensor, m: ModelConfig, key: str, meta: dict, origin: s
 def check_writable(m: ModelConfig, tp: int, pp: int) -> None:
     """What both Megatron writers require of the model and the layout."""
     _refuse_unsupported(m)
-    kv = n_kv_heads(m)
+    kv = m.kv_heads
     if tp < 1 or pp < 1:
         raise KilnError("--tp and --pp must be >= 1")
     if m.n_heads % tp or kv % tp:
@@ -418,7 +418,7 @@ class MegatronSource:
             return self._qkv_cache[1]
         m = self.cfg.model
         stage, j = self._stage_of[i]
-        groups, hd = n_kv_heads(m), head_dim(m)
+        groups, hd = m.kv_heads, m.dim_per_head
         key = f"decoder.layers.{j}.self_attention.linear_qkv.weight"
         qkv = self._cat(stage, key, 0)
         self._qkv_cache = (i, split_qkv(qkv, m, key, self.meta, str(self.path)))

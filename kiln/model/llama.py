@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.config import ModelConfig, RopeScalingConfig, ffn_dim, head_dim as head_dim_of
+from kiln.config import ModelConfig, RopeScalingConfig
 from kiln.model.attention import attention, resolve_backend
 
 
@@ -70,7 +70,7 @@ def rope_cache(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScali
 
 
 def model_rope_cache(cfg: ModelConfig) -> torch.Tensor:
-    return rope_cache(head_dim_of(cfg), cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
+    return rope_cache(cfg.dim_per_head, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -98,8 +98,8 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
-        self.n_kv_heads = cfg.n_kv_heads or cfg.n_heads
-        self.head_dim = head_dim_of(cfg)
+        self.n_kv_heads = cfg.kv_heads
+        self.head_dim = cfg.dim_per_head
         self.backend = cfg.attention
         self.window = cfg.attention_window
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
@@ -123,7 +123,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden = ffn_dim(cfg)
+        hidden = cfg.ffn_hidden
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # gate
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # up
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)  # down
@@ -192,21 +192,12 @@ class Transformer(nn.Module):
 
 
 def count_params(cfg: ModelConfig) -> int:
-    """Exact parameter count from the shape: V d (1 or 2) + L (2 d d_q + 2 d d_kv + 3 d d_ff + 2d + biases) + d,
-    with d_q = heads * head_dim and d_kv = kv_heads * head_dim."""
-    d, L, V, f = cfg.d_model, cfg.n_layers, cfg.vocab_size, ffn_dim(cfg)
-    d_q = cfg.n_heads * head_dim_of(cfg)
-    d_kv = (cfg.n_kv_heads or cfg.n_heads) * head_dim_of(cfg)
-    per_layer = 2 * d * d_q + 2 * d * d_kv + 3 * d * f + 2 * d
-    if cfg.attention_bias or cfg.qkv_bias:
-        per_layer += d_q + 2 * d_kv
-    per_layer += d if cfg.attention_bias else 0
-    per_layer += 2 * f + d if cfg.mlp_bias else 0
-    return V * d * (1 if cfg.tie_embeddings else 2) + L * per_layer + d
+    """Exact parameter count from the shape: embedding and output tables (one if tied), the blocks, the final norm."""
+    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * cfg.params_per_layer + cfg.d_model
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """PaLM model FLOPs per trained token: 6N + 12 L H Q T (Chowdhery et al. 2022, App. B).
     N excludes the input embedding table, which is a lookup, not a matmul."""
     n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * head_dim_of(cfg) * seq_len
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len

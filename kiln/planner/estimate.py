@@ -1,7 +1,7 @@
 """`kiln estimate`: the planner's memory and cost model applied to an existing config."""
 from __future__ import annotations
 
-from kiln.config import Config, resolve_world
+from kiln.config import Config, resolve_world, tokens_per_step
 from kiln.planner import cost as costs
 from kiln.planner.hardware import lookup
 from kiln.planner.memory import GIB, Layout, memory_breakdown
@@ -59,7 +59,7 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
     usable = acc.memory_bytes * headroom
     terms = {k: v for k, v in mem.items() if k != "total"}
     largest = max(terms, key=terms.get)
-    per_step = cfg.train.global_batch_tokens or cfg.train.micro_batch * cfg.data.seq_len * lay.dp
+    per_step = tokens_per_step(cfg, lay.dp)
     tokens = cfg.train.steps * per_step
     default = costs.default_mfu(acc)
     used_mfu = mfu or default.mfu

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kiln.config import ModelConfig, ffn_dim
+from kiln.config import ModelConfig
 from kiln.errors import KilnError
 from kiln.planner.hardware import Accelerator
 from kiln.planner.memory import GIB, Layout, memory_breakdown
@@ -34,8 +34,7 @@ def usable_bytes(acc: Accelerator, headroom: float = DEFAULT_HEADROOM) -> float:
 
 
 def _divides(m: ModelConfig, tp: int) -> bool:
-    kv = m.n_kv_heads or m.n_heads
-    return m.n_heads % tp == 0 and kv % tp == 0 and m.vocab_size % tp == 0 and ffn_dim(m) % tp == 0
+    return m.tp_conflict(tp) is None
 
 
 def _batching(target_tokens: float, seq_len: int, dp: int, b: int, pp: int) -> tuple[int, int, int]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kiln.config import ModelConfig, ffn_dim
+from kiln.config import ModelConfig
 
 GIB = 2 ** 30
 DDP_BUCKETS = 2 * 25 * 2 ** 20  # torch DDP default bucket_cap_mb=25, two in flight
@@ -56,8 +56,8 @@ class Layout:
 
 def layer_matrix_params(m: ModelConfig) -> int:
     d = m.d_model
-    d_kv = (m.n_kv_heads or m.n_heads) * (d // m.n_heads)
-    return 2 * d * d + 2 * d * d_kv + 3 * d * ffn_dim(m)
+    d_q, d_kv = m.n_heads * m.dim_per_head, m.kv_heads * m.dim_per_head
+    return 2 * d * d_q + 2 * d * d_kv + 3 * d * m.ffn_hidden
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from kiln.config import ModelConfig, ffn_dim
+from kiln.config import ModelConfig
 from kiln.errors import KilnError
 
 ASPECT_RANGE = (32, 256)
@@ -34,7 +34,7 @@ class Shape:
 
     @property
     def head_dim(self) -> int:
-        return self.model.d_model // self.model.n_heads
+        return self.model.dim_per_head
 
     @property
     def flops_per_token(self) -> float:
@@ -50,7 +50,7 @@ class Shape:
     def as_dict(self) -> dict:
         m = self.model
         return {"n_layers": m.n_layers, "d_model": m.d_model, "n_heads": m.n_heads,
-                "n_kv_heads": m.n_kv_heads or m.n_heads, "ffn_dim": ffn_dim(m), "vocab_size": m.vocab_size,
+                "n_kv_heads": m.kv_heads, "ffn_dim": m.ffn_hidden, "vocab_size": m.vocab_size,
                 "seq_len": self.seq_len, "params_exact": self.params}
 
 
@@ -65,8 +65,8 @@ def appendix_f_flops_per_token(m: ModelConfig, seq_len: int) -> float:
     are d x d_kv) and SwiGLU (three d x ffn matrices instead of two). Counts the embedding as a
     matmul and full (non-causal) attention, as the paper does."""
     s, d, v, h, L = seq_len, m.d_model, m.vocab_size, m.n_heads, m.n_layers
-    d_kv = (m.n_kv_heads or h) * (d // h)
-    f = ffn_dim(m)
+    d_kv = m.kv_heads * m.dim_per_head
+    f = m.ffn_hidden
     layer = (2 * s * d * (d + 2 * d_kv)  # QKV projections
              + 2 * s * s * d  # attention logits QK^T
              + 3 * h * s * s  # softmax
