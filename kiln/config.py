@@ -560,7 +560,7 @@ def pipeline_microbatches(cfg: Config) -> int:
 
 def _validate_layout(cfg: Config) -> None:
     """The layout rules that need no world size: what tensor and pipeline parallelism require of the
-    model, the batch and the schedule. `kiln.parallel.check_layout` adds the world-size check."""
+    model, the batch and the schedule. `kiln.distributed.parallel_dims` adds the world-size check."""
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tp, p.pp
     conflict = m.tp_conflict(tp)

@@ -1,6 +1,6 @@
 """The training loop: step, accumulation, schedule, metrics, eval, checkpoint, resume.
 
-Every worker runs `train(cfg)`. Rank discovery comes from kiln.launcher, the layout from
+Every worker runs `train(cfg)`. Rank discovery comes from kiln.distributed, the layout from
 kiln.parallel (this file never touches a mesh dim itself), batches from kiln.data and
 checkpoints from kiln.checkpoint, so the loop reads the same for one CPU process and for a
 3-D parallel job.
@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
 from kiln.checkpoint.manager import CheckpointManager, read_meta
 from kiln.checkpoint.resume import check_resume
 from kiln.config import (Config, config_hash, grad_accum_steps, micro_step_tokens, run_dir_of, save_run_config,
                          to_yaml, tokens_per_step)
+from kiln.distributed import any_rank, detect_rank, init_process_group, parallel_dims, pick_device
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
 from kiln.model import Transformer, flops_per_token
@@ -47,13 +47,6 @@ def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Iterabl
 
     return build_shard_loader(cfg.data, split=split, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
                               vocab_size=cfg.model.vocab_size)
-
-
-def _init_distributed(world_size: int, device_type: str) -> None:
-    """gloo on CPU; on GPU NCCL for CUDA tensors plus gloo for the CPU-side collectives
-    (stop flags, object gathers, DCP's async-save coordination)."""
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo")
 
 
 def _prepare_data(cfg: Config, rank: int) -> None:
@@ -87,26 +80,15 @@ def _keep_tokenizer(cfg: Config, run_dir: Path, resuming: bool) -> None:
         keep_in_run(path, run_dir, resuming)
 
 
-def _any_rank(flag: bool) -> bool:
-    """True on every rank if any rank says so (stop requests must be collective decisions)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def train(cfg: Config) -> dict:
     """Run (or resume) training to cfg.train.steps. Returns a summary for the caller."""
-    from kiln.launcher.bootstrap import detect_rank
-    from kiln.launcher.signals import install_requeue_handler
-    from kiln.parallel import check_layout, setup_parallel
-    from kiln.parallel.runtime import pick_device
+    from kiln.distributed.signals import install_requeue_handler
+    from kiln.parallel import setup_parallel
 
     info = detect_rank()
     rank = info.rank
     quiet_other_ranks(rank)
-    check_layout(cfg, info.world_size)  # config errors before any process group exists
+    parallel_dims(cfg, info.world_size)  # config errors before any process group exists
     run_dir = run_dir_of(cfg)
     ckpt = CheckpointManager(run_dir, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
     if rank == 0:
@@ -115,7 +97,7 @@ def train(cfg: Config) -> dict:
     _prepare_data(cfg, rank)
     if rank == 0:
         _keep_tokenizer(cfg, run_dir, resuming=cfg.checkpoint.resume and ckpt.has_checkpoints())
-    _init_distributed(info.world_size, pick_device(cfg.train.device).type)
+    init_process_group(info.world_size, pick_device(cfg.train.device).type)
 
     with torch.device("meta"):  # setup_parallel allocates and initializes it (full or sharded)
         model = Transformer(cfg.model)
@@ -218,7 +200,7 @@ def train(cfg: Config) -> dict:
                 if logger and eval_loss is not None:
                     logger.log({"step": step, "tokens": tokens, "eval_loss": eval_loss}, prefix="eval")
             out_of_time = cfg.train.max_time_s is not None and time.time() - start_time > cfg.train.max_time_s
-            if _any_rank(stop.requested or out_of_time):
+            if any_rank(stop.requested or out_of_time):
                 save(step)
                 stopped_early = step < cfg.train.steps
                 break
@@ -245,7 +227,7 @@ def _val_loader(cfg: Config, rt):
     except KilnError as exc:
         log.warning("no evaluation: %s", exc)
         loader, failed = None, True
-    return False if _any_rank(failed) else loader
+    return False if any_rank(failed) else loader
 
 
 def evaluate(cfg: Config, rt, loader) -> float | None:

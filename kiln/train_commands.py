@@ -47,8 +47,8 @@ def _train(args) -> int:
     import torch.distributed as dist
 
     from kiln.errors import KilnError
-    from kiln.launcher import signals
-    from kiln.launcher.bootstrap import current, shutdown
+    from kiln.distributed import signals
+    from kiln.distributed import current, shutdown
     from kiln.train import train
 
     stop = signals.install_stop_handlers()  # before anything slow: a Ctrl-C during startup is kept

@@ -22,7 +22,7 @@ from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpo
 from kiln.checkpoint.megatron import rank_dir_name
 from kiln.config import Config, ModelConfig
 from kiln.errors import KilnError
-from kiln.launcher.bootstrap import shutdown
+from kiln.distributed import shutdown
 from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")

@@ -7,7 +7,7 @@ import torch
 
 from kiln.errors import ConfigError
 from kiln.model.llama import Transformer
-from kiln.parallel import check_layout
+from kiln.distributed import parallel_dims
 from kiln.parallel.pipeline import layers_per_stage, split_stage, stage_indices
 
 from test_parallel_support import make_cfg
@@ -30,7 +30,7 @@ from test_parallel_support import make_cfg
 ])
 def test_bad_layout_names_the_key(overrides, world, key):
     with pytest.raises(ConfigError) as err:  # at load time, or (world size) when the layout is resolved
-        check_layout(make_cfg(overrides), world)
+        parallel_dims(make_cfg(overrides), world)
     assert err.value.key == key
 
 
@@ -46,7 +46,7 @@ def test_config_level_errors(overrides, key):
 
 
 def test_good_layout_resolves_dims():
-    dims = check_layout(make_cfg(["parallel.pp=2", "parallel.tp=2", "parallel.dp_replicate=2"]), 16)
+    dims = parallel_dims(make_cfg(["parallel.pp=2", "parallel.tp=2", "parallel.dp_replicate=2"]), 16)
     assert (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (2, 2, 2, 2, 4)
     assert dims.microbatches == 2 and dims.world_size == 16
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kiln.launcher.bootstrap import shutdown
+from kiln.distributed import shutdown
 from test_parallel_support import ACCUM, CLIP, STEPS, batch_for, make_adamw, make_cfg, rel_err, spawn
 
 pytest.importorskip("deepspeed")

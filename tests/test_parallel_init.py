@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from kiln.errors import ConfigError
-from kiln.launcher.bootstrap import shutdown
+from kiln.distributed import shutdown
 from kiln.model.llama import Transformer, rope_cache
-from kiln.parallel import check_layout
+from kiln.distributed import parallel_dims
 from kiln.parallel.pipeline import split_stage
-from kiln.parallel.runtime import init_mode, pick_device, setup_parallel
+from kiln.distributed import pick_device
+from kiln.parallel.runtime import init_mode, setup_parallel
 
 from test_parallel_support import _full, batch_for, make_adamw, make_cfg, spawn
 
@@ -195,7 +196,7 @@ def load_model_cfg(name: str, overrides=()):
 
 def test_deepspeed_refuses_sharded_init():
     with pytest.raises(ConfigError) as err:
-        check_layout(make_cfg(["parallel.engine=deepspeed", "parallel.init=sharded"]), 2)
+        parallel_dims(make_cfg(["parallel.engine=deepspeed", "parallel.init=sharded"]), 2)
     assert err.value.key == "parallel.init"
     assert init_mode(make_cfg(["parallel.engine=deepspeed"])) == "full"
 

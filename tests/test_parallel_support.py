@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.config import load_config
-from kiln.launcher.bootstrap import shutdown
+from kiln.distributed import shutdown
 
 TINY = ["model.vocab_size=128", "model.d_model=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2",
         "model.ffn_dim=128", "model.max_seq_len=64", "model.attention=sdpa", "data.seq_len=16",

@@ -24,9 +24,10 @@ from torch import nn
 from kiln.config import Config, grad_accum_steps
 from kiln.errors import KilnError
 from kiln.model.llama import count_params
-from kiln.parallel.mesh import check_layout
+from kiln.distributed import parallel_dims
 from kiln.parallel.parallelize import mixed_precision_dtype
-from kiln.parallel.runtime import FULL_INIT_MAX_BYTES, cross_entropy, materialize, pick_device
+from kiln.distributed import pick_device
+from kiln.parallel.runtime import FULL_INIT_MAX_BYTES, cross_entropy, materialize
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
@@ -111,7 +112,7 @@ class DeepSpeedRuntime:
 
 
 def setup_deepspeed(cfg: Config, model: nn.Module, world_size: int, rank: int) -> DeepSpeedRuntime:
-    check_layout(cfg, world_size)
+    parallel_dims(cfg, world_size)
     try:
         import deepspeed  # noqa: F401
     except ImportError:

@@ -27,23 +27,10 @@ from torch import nn
 
 from kiln.config import Config
 from kiln.errors import ConfigError
-from kiln.parallel.mesh import ParallelDims, build_mesh, check_layout, dp_coordinate
+from kiln.distributed import ParallelDims, parallel_dims, pick_device
+from kiln.parallel.mesh import build_mesh, dp_coordinate
 from kiln.parallel.parallelize import data_parallel_mesh, mixed_precision_dtype, parallelize
 from kiln.parallel.pipeline import build_schedule, split_stage, stage_indices
-
-
-def pick_device(name: str, rank: int = 0) -> torch.device:
-    """`auto`: CUDA if present, else CPU. On CUDA each process takes its LOCAL_RANK's GPU."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("train.device", f"cuda, but this torch ({torch.__version__}) sees no CUDA device; "
-                                              "use train.device=cpu or auto")
-        index = int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1)))
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -269,7 +256,7 @@ def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) ->
         from kiln.parallel.deepspeed_engine import setup_deepspeed
 
         return setup_deepspeed(cfg, model, world_size, rank)
-    dims = check_layout(cfg, world_size)
+    dims = parallel_dims(cfg, world_size)
     device = pick_device(cfg.train.device, rank)
     sharded = init_mode(cfg) == "sharded"
     if sharded:
