@@ -117,8 +117,13 @@ def train(cfg: Config) -> dict:
     engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = tokens_per_step(cfg, rt.dp_size)
+    # --- batch ramp hook (issue 13; kiln/batch_ramp.py): micro-steps per step from tokens consumed ---
+    from kiln.batch_ramp import batch_ramp
+
+    ramp = batch_ramp(cfg, rt.dp_size)
     if resume_from is not None:
-        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
+        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens,
+                     tokens_at=ramp.tokens_after if ramp else None)
 
     noise = None
     if cfg.train.noise_scale:
@@ -165,6 +170,9 @@ def train(cfg: Config) -> dict:
             lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(optimizers, lr)
             losses = []
+            if ramp:  # batch ramp hook: this step's micro-steps and the tokens they consume
+                accum = ramp.accum_at(tokens)
+                step_tokens = accum * ramp.micro_tokens
             for micro in range(accum):
                 loss = rt.forward_backward(next(batches), 1.0 / accum)
                 if loss is not None:
