@@ -22,7 +22,7 @@ from kiln.errors import KilnError
 
 _STAGE_OUTPUTS: dict = {}  # pipeline stage index -> its output metadata, from the rank that ran it
 CATEGORIES = {"PARAM": "weights", "BUFFER": "buffers", "GRAD": "grads", "OPT": "optimizer", "ACT": "activations",
-              "TEMP": "temporaries"}
+              "TEMP": "temporaries", "OTH": "master"}
 
 
 @contextlib.contextmanager
@@ -260,13 +260,25 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
             # An untracked first step creates the optimizer state; the tracked step then sees the
             # steady state. With accumulation, gradients already exist while the activations of a
             # later micro-batch build up, so they are kept for the tracked backward.
-            rt.forward_backward(batch, 1.0 / accum)
-            for opt in optimizers:
-                opt.step()
-            if accum == 1:
+            if cfg.parallel.engine == "deepspeed":
+                # One whole step through the engine creates its fp32 master partitions' Adam state
+                # (DeepSpeed steps the optimizer it was given, now holding those partitions), then
+                # all but the last micro-batch of the next step fill its gradient partitions.
+                for _ in range(accum):
+                    rt.forward_backward(batch, 1.0 / accum)
+                rt.optimizer_step(optimizers)
+                for _ in range(accum - 1):
+                    rt.forward_backward(batch, 1.0 / accum)
+            else:
+                rt.forward_backward(batch, 1.0 / accum)
                 for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
+                    opt.step()
+                if accum == 1:
+                    for opt in optimizers:
+                        opt.zero_grad(set_to_none=True)
             tracker.track_external(*rt.model_parts, *optimizers)
+            if cfg.parallel.engine == "deepspeed":  # its fp32 master partitions, made before tracking
+                tracker.track_external(*[p for opt in optimizers for g in opt.param_groups for p in g["params"]])
             with tracker:
                 rt.forward_backward(batch, 1.0 / accum)
                 rt.optimizer_step(optimizers)
