@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from kiln.config import Config, ConfigError, run_dir_of, save_run_config
-from kiln.errors import KilnError
 from kiln.distributed import parallel_dims
+from kiln.errors import KilnError
 
 SCRIPT_NAME = "submit.sbatch"
 JOB_ID_FILE = "slurm_job_id"
