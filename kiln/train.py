@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from kiln.checkpoint.manager import CheckpointManager, read_meta
 from kiln.checkpoint.resume import check_resume
 from kiln.config import (Config, config_hash, grad_accum_steps, micro_step_tokens, run_dir_of, save_run_config,
                          to_yaml, tokens_per_step)
+from kiln.data.loader import build_loader
 from kiln.distributed import any_rank, detect_rank, init_process_group, parallel_dims, pick_device
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
@@ -95,22 +96,6 @@ class StopVote:
         if self._work is not None:
             self._work.wait()
             self._work = None
-
-
-def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Iterable[dict]:
-    """The batch stream for one DP rank: the Markov oracle source, or prepared shards."""
-    micro = cfg.train.micro_batch
-    if cfg.data.synthetic == "markov":
-        from kiln.data.synthetic import MarkovLoader, MarkovSource
-
-        source = MarkovSource(cfg.data.synthetic_vocab, seed=cfg.data.seed)
-        return MarkovLoader(source, seq_len=cfg.data.seq_len, micro_batch=micro, seed=cfg.data.seed,
-                            dp_rank=dp_rank, dp_size=dp_size, split=split,
-                            max_batches=None if split == "train" else cfg.train.eval_steps)
-    from kiln.data.loader import build_loader as build_shard_loader
-
-    return build_shard_loader(cfg.data, split=split, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
-                              vocab_size=cfg.model.vocab_size)
 
 
 def _prepare_data(cfg: Config, rank: int) -> None:
