@@ -36,9 +36,7 @@ from kiln.parallel.parallelize import mixed_precision_dtype
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
-    if p.offload_optimizer:
-        if p.zero_stage == 0:
-            raise KilnError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+    if p.offload_optimizer:  # the config refuses it with zero_stage 0
         zero["offload_optimizer"] = {"device": "cpu"}
     bf16 = mixed_precision_dtype(cfg, device) == torch.bfloat16
     return {
