@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kiln.checkpoint.convert import convert
+from kiln.convert.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
 from kiln.config import Config, ModelConfig
 from kiln.errors import KilnError

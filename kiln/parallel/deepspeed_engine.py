@@ -136,10 +136,10 @@ class DeepSpeedRuntime:
     def load_files(self, directory: Path, with_optimizer: bool) -> None:
         """DeepSpeed's loader unpickles freely, so every file is first proven to hold only tensors,
         plain data and DeepSpeed's few own classes (torch's weights-only unpickler)."""
-        from kiln.checkpoint.deepspeed_format import screen
+        from kiln.checkpoint.safe_load import screen_deepspeed_file
 
         for f in sorted(Path(directory).glob("*.pt")):
-            screen(f)
+            screen_deepspeed_file(f)
         load_path, _ = self._engine().load_checkpoint(str(Path(directory).parent), tag=Path(directory).name,
                                                       load_optimizer_states=with_optimizer,
                                                       load_lr_scheduler_states=False)

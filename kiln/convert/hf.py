@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved,
+from kiln.convert.names import (validate_model, Source, cast, check_shape, half_to_interleaved,
                                     interleaved_to_half, iter_checked, kiln_shapes)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.data.tokenizer import RUN_IDENTITY

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from kiln.checkpoint.convert import convert
+    from kiln.convert.convert import convert
 
     summary = convert(args.src, args.to, args.out, tp=args.tp, pp=args.pp, fmt=args.src_format,
                       max_shard_size=args.max_shard_size, dtype=args.dtype, vocab_multiple=args.vocab_multiple,
