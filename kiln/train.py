@@ -129,7 +129,11 @@ def train(cfg: Config) -> dict:
         # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
         from kiln.checkpoint.kiln_format import resolve_step_dir
 
-        ckpt.load(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, None, config_hash(cfg))
+        init_dir = resolve_step_dir(Path(cfg.checkpoint.init_from))
+        ckpt.load(init_dir, rt.model_parts, None, config_hash(cfg))
+        if rank == 0:
+            print(f"initialized weights from {init_dir} (weights only: the optimizer state is reset and "
+                  f"training starts at step 0)", flush=True)
     optimizers = rt.build_optimizers(
         lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
