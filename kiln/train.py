@@ -161,7 +161,8 @@ def train(cfg: Config) -> dict:
         elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
             train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
         if rank == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
+            fresh = " (weights only: the optimizer state is reset)" if meta.get("model_only") else ""
+            print(f"resumed from {resume_from} at step {step}{fresh}", flush=True)
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)

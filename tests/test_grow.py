@@ -122,7 +122,7 @@ def first_loss(run_dir) -> float:
 
 
 @pytest.mark.timeout(300)
-def test_grow_cli_then_train_on(tmp_path):
+def test_grow_cli_then_train_on(tmp_path, capsys):
     """A trained parent grown by the CLI continues at the parent's loss (the same first batch through
     both models), far below a fresh model's, with a fresh optimizer at step 0."""
     from kiln.train import train
@@ -137,9 +137,13 @@ def test_grow_cli_then_train_on(tmp_path):
     more = ["train.steps=1", "checkpoint.enabled=false", "optim.warmup_steps=0"]
     train(load_config([], [*TRAIN, *more, f"train.run_dir={tmp_path}", "train.name=cont",
                            f"checkpoint.init_from={tmp_path / 'base'}"]))
-    train(load_config([grown_cfg], [*more, f"train.run_dir={tmp_path}"]))
+    train(load_config([grown_cfg], more))
+    assert "weights only: the optimizer state is reset" in capsys.readouterr().out
+    train(load_config([grown_cfg], [*more, "train.name=viainit", f"checkpoint.init_from={tmp_path / 'big'}"]))
+    assert "the optimizer state is reset and training starts at step 0" in capsys.readouterr().out
+    assert first_loss(tmp_path / "viainit") == first_loss(tmp_path / "big")
     train(load_config([], [*TRAIN, *more, f"train.run_dir={tmp_path}", "train.name=fresh"]))
-    parent_loss, grown_loss = first_loss(tmp_path / "cont"), first_loss(tmp_path / "base-grown")
+    parent_loss, grown_loss = first_loss(tmp_path / "cont"), first_loss(tmp_path / "big")
     fresh = first_loss(tmp_path / "fresh")
     print(f"first loss: parent {parent_loss:.6f}, grown {grown_loss:.6f}, fresh model {fresh:.4f}")
     assert abs(parent_loss - grown_loss) < 1e-4

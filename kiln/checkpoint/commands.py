@@ -35,7 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: kiln grow runs/tiny --out runs/tiny-grown --d-model 192 --n-layers 6; "
                "then: kiln train runs/tiny-grown/config.yaml")
     g.add_argument("ckpt", metavar="CKPT", help="kiln run dir or checkpoint step dir")
-    g.add_argument("--out", required=True, help="output run directory (must be new or empty)")
+    g.add_argument("--out", required=True, help="the grown run's directory (must be new or empty); its last part "
+                   "becomes train.name")
     g.add_argument("--d-model", type=int, help="new model width (default: keep)")
     g.add_argument("--ffn-dim", type=int, help="new SwiGLU hidden size (default: keep)")
     g.add_argument("--n-heads", type=int, help="new query heads, same head_dim (default: keep)")
@@ -44,7 +45,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--insert-at", metavar="I,J,...",
                    help="parent layer index each new layer goes before (the parent's n_layers appends); "
                         "repeats allowed (default: spread evenly)")
-    g.add_argument("--name", help="train.name of the grown run (default: the parent's name + '-grown')")
     g.add_argument("--seed", type=int, default=0, help="seed for the new parameters' random part")
     g.add_argument("--json", action="store_true", help="print a machine-readable summary")
     g.set_defaults(func=run_grow)
@@ -80,7 +80,7 @@ def run_grow(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise KilnError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
     target = GrowTarget(args.d_model, args.ffn_dim, args.n_heads, args.n_kv_heads, args.n_layers, insert_at)
-    summary = grow_checkpoint(args.ckpt, args.out, target, seed=args.seed, name=args.name)
+    summary = grow_checkpoint(args.ckpt, args.out, target, seed=args.seed)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0

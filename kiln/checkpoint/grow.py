@@ -2,8 +2,8 @@
 
 The tensors come through `KilnCheckpointReader` (DCP via the safe loader, model state only); the
 expansion itself is `kiln.model.grow`. The output is a model-only checkpoint: a run started from
-it (`kiln train OUT/config.yaml`, whose checkpoint.init_from names OUT) loads the weights and
-starts a fresh optimizer at step 0, because Adam's moments have the parent's shapes and no
+it (`kiln train OUT/config.yaml`: OUT is the grown run's directory, or any run with
+`checkpoint.init_from=OUT`) loads the weights and starts a fresh optimizer at step 0, because Adam's moments have the parent's shapes and no
 function-preserving meaning for the new parameters.
 """
 from __future__ import annotations
@@ -21,8 +21,7 @@ from kiln.model.grow import GrowTarget, grow_state
 from kiln.model.llama import Transformer, count_params
 
 
-def grow_checkpoint(src: str | Path, out: str | Path, target: GrowTarget, seed: int = 0,
-                    name: str | None = None) -> dict:
+def grow_checkpoint(src: str | Path, out: str | Path, target: GrowTarget, seed: int = 0) -> dict:
     """Grow the checkpoint at `src` into the run dir `out`; returns a summary."""
     out = Path(os.path.abspath(out))
     if out.exists() and any(out.iterdir()):
@@ -39,11 +38,15 @@ def grow_checkpoint(src: str | Path, out: str | Path, target: GrowTarget, seed: 
     if mismatch or set(grown) != set(child_expected):  # a bug here, not a user error: say which tensor
         raise RuntimeError(f"grown state does not match the grown model at {(mismatch or sorted(set(grown) ^ set(child_expected)))[0]}")
     cfg = dataclasses.replace(parent, model=model_cfg)
-    cfg.train = dataclasses.replace(parent.train, name=name or f"{parent.train.name}-grown")
-    cfg.checkpoint = dataclasses.replace(parent.checkpoint, init_from=str(out), resume=True)
+    # OUT is the grown run's directory: `kiln train OUT/config.yaml` starts from its step-0 checkpoint.
+    cfg.train = dataclasses.replace(parent.train, run_dir=str(out.parent), name=out.name)
+    cfg.checkpoint = dataclasses.replace(parent.checkpoint, init_from=None, resume=True)
     try:
         validate(cfg)
     except ConfigError as exc:  # e.g. the parent's parallel.tp no longer divides the grown heads
+        if exc.key == "train.name":
+            raise KilnError(f"--out {out}: its last part names the grown run (train.name) and must be a plain name "
+                            f"(letters, digits, '.', '_', '-')") from None
         raise KilnError(f"the grown model does not fit the parent's run config: {exc}") from None
     step_dir = write_kiln_checkpoint(grown, cfg, out, source="kiln grow")
     return {"source": str(reader.step_dir), "out": str(out), "step_dir": str(step_dir),
