@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from kiln.config import ModelConfig, load_config
+from kiln.config import AttentionPatternConfig, ModelConfig, load_config
 from kiln.errors import KilnError
 from kiln.model.grow import GrowTarget, grow_state, head_slots
 from kiln.model.llama import Transformer
@@ -52,6 +52,8 @@ CASES = {
                         GrowTarget(d_model=48, ffn_dim=64, n_heads=6, n_kv_heads=2, n_layers=3, insert_at=[1])),
     "combined_qkv_bias_tied": (dict(qkv_bias=True, tie_embeddings=True), GrowTarget(d_model=64, n_heads=8, n_layers=3)),
     "explicit_head_dim": (dict(head_dim=12), GrowTarget(d_model=40, n_heads=6)),
+    "alibi_sparse_width_depth": (dict(position="alibi", attention_pattern=AttentionPatternConfig("strided", 4, 1, 0, 2)),
+                                 GrowTarget(d_model=48, ffn_dim=64, n_kv_heads=4, n_layers=3)),
 }
 
 
@@ -100,6 +102,7 @@ def test_gqa_slots_keep_each_query_head_on_its_kv_head():
     (GrowTarget(insert_at=[3]), {}, "--insert-at 3 is outside 0..2"),
     (GrowTarget(), {}, "nothing to grow"),
     (GrowTarget(d_model=32, ffn_dim=48), {}, "nothing to grow"),
+    (GrowTarget(n_heads=8), {"position": "alibi"}, "--n-heads: model.position=alibi"),
 ])
 def test_refusals(target, over, needle):
     model = parent(**over)
