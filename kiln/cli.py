@@ -82,7 +82,7 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from kiln.launcher.signals import Interrupted, raise_interrupted
+    from kiln.distributed.signals import Interrupted, raise_interrupted
 
     previous = None
     if threading.current_thread() is threading.main_thread():

@@ -86,6 +86,11 @@ def plain_name(default: str) -> Any:
 BIG = 2 ** 20  # a generous ceiling for widths and counts: catches a typo such as 1e11, not a real model
 
 
+# Choices that code elsewhere dispatches on: declared once, checked at load (one_of), imported there.
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble")
+
+
 @dataclass
 class RopeScalingConfig:
     """RoPE frequency scaling for long context, with Hugging Face's parameter names.
@@ -132,7 +137,7 @@ class ModelConfig:
     rope_theta: float = ranged(10000.0, 0, lo_open=True)
     max_seq_len: int = ranged(2048, 1, 2 ** 24)
     tie_embeddings: bool = False
-    attention: str = one_of("auto", "flash", "sdpa", "math")
+    attention: str = one_of(*ATTENTION_BACKENDS)
     init_std: float = ranged(0.02, 0, 10, lo_open=True)
     head_dim: Optional[int] = ranged(None, 2, 4096)  # None: d_model / n_heads
     rope_scaling: Optional[RopeScalingConfig] = None  # None: plain RoPE
@@ -190,7 +195,7 @@ class ParallelConfig:
     dp_shard: int = ranged(-1, -1, BIG)  # -1: the rest of the world
     tp: int = ranged(1, 1, 4096)
     sequence_parallel: bool = True  # only meaningful with tp > 1
-    pp_schedule: str = one_of("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble")
+    pp_schedule: str = one_of(*PP_SCHEDULES)
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
     pp_virtual_stages: int = ranged(1, 1, 4096)  # stages per rank (interleaved schedules need > 1)
     activation_checkpoint: str = one_of("none", "selective", "full")
@@ -580,7 +585,7 @@ def pipeline_microbatches(cfg: Config) -> int:
 
 def _validate_layout(cfg: Config) -> None:
     """The layout rules that need no world size: what tensor and pipeline parallelism require of the
-    model, the batch and the schedule. `kiln.parallel.check_layout` adds the world-size check."""
+    model, the batch and the schedule. `kiln.distributed.parallel_dims` adds the world-size check."""
     p, m = cfg.parallel, cfg.model
     tp, pp = p.tp, p.pp
     conflict = m.tp_conflict(tp)
@@ -611,6 +616,8 @@ def _validate_layout(cfg: Config) -> None:
         _check(p.dp_replicate == 1, "parallel.dp_replicate", "deepspeed shards over all DP ranks; leave dp_replicate=1")
         _check(p.init != "sharded", "parallel.init", "sharded initialization needs parallel.engine=native; "
                "DeepSpeed builds the full model on every rank before ZeRO partitions it")
+        _check(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer",
+               "needs parallel.zero_stage >= 1")
 
 
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:

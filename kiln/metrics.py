@@ -29,7 +29,7 @@ def device_peak_flops(device: torch.device) -> float | None:
     """Dense bf16 peak FLOP/s of this device, or None when unknown (CPU, unlisted GPU): MFU is then n/a."""
     if device.type != "cuda":
         return None
-    from kiln.planner.hardware import peak_flops
+    from kiln.hardware import peak_flops
 
     return peak_flops(torch.cuda.get_device_name(device))
 

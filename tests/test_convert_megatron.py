@@ -21,8 +21,8 @@ from kiln.checkpoint.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
 from kiln.checkpoint.megatron import rank_dir_name
 from kiln.config import Config, ModelConfig
+from kiln.distributed import shutdown
 from kiln.errors import KilnError
-from kiln.launcher.bootstrap import shutdown
 from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")

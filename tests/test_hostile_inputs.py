@@ -28,7 +28,7 @@ TINY = ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_
 @pytest.fixture(autouse=True, scope="module")
 def _in_process_workers():
     """`kiln train` ends a worker with os._exit (the gloo exit cure); in-process it must return."""
-    import kiln.launcher.bootstrap as bootstrap
+    import kiln.distributed as bootstrap
 
     real, bootstrap.shutdown = bootstrap.shutdown, lambda *a, **k: None
     yield

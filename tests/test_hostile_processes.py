@@ -209,7 +209,7 @@ def _python(code: str, **kwargs) -> subprocess.Popen:
 
 STOP_LOOP = """
     import signal, sys, time
-    from kiln.launcher import signals
+    from kiln.distributed import signals
     flag = signals.install_stop_handlers()
     print("ready", flush=True)
     while not flag.requested:
@@ -254,7 +254,7 @@ def test_a_second_stop_signal_exits_at_once(signum):
 
 FORKED = """
     import os, signal, time
-    from kiln.launcher import signals
+    from kiln.distributed import signals
     flag = signals.install_stop_handlers()
     kid = os.fork()
     if kid == 0:  # a forked helper, as a DataLoader worker is: it inherits the handlers
@@ -280,13 +280,13 @@ def test_a_forked_helper_keeps_default_signal_behaviour():
 
 WATCHER = """
     import os, sys, time
-    from kiln.launcher import signals
+    from kiln.distributed import signals
     print("watching" if signals.watch_launcher() else "not watching", flush=True)
     time.sleep(30)
 """
 MIDDLE = """
     import os, subprocess, sys, time
-    from kiln.launcher import signals
+    from kiln.distributed import signals
     os.environ.update(signals.launcher_env())
     kid = subprocess.Popen([sys.executable, "-c", sys.argv[1]])  # the "worker"
     print(kid.pid, flush=True)

@@ -15,8 +15,8 @@ import pytest
 from conftest import run_group
 
 from kiln.errors import KilnError
-from kiln.launcher import bootstrap
-from kiln.launcher.bootstrap import RankInfo, detect_rank, expand_hostlist, expand_tasks_per_node, slurm_port
+from kiln.distributed import rank as bootstrap
+from kiln.distributed.rank import RankInfo, detect_rank, expand_hostlist, expand_tasks_per_node, slurm_port
 
 
 def test_torchrun_environment():
@@ -108,7 +108,7 @@ def test_tasks_per_node_expansion():
 
 WORKER = textwrap.dedent("""
     import json, os, sys
-    from kiln.launcher.bootstrap import detect_rank, shutdown
+    from kiln.distributed import detect_rank, shutdown
     import torch, torch.distributed as dist
     info = detect_rank()
     dist.init_process_group("gloo", init_method="env://")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from test_parallel_support import make_cfg, rel_err, spawn
 
-from kiln.launcher.bootstrap import shutdown
+from kiln.distributed import shutdown
 
 pytest.importorskip("megatron.core")
 

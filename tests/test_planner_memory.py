@@ -3,7 +3,7 @@ import pytest
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
-from kiln.planner.hardware import lookup, peak_flops
+from kiln.hardware import lookup, peak_flops
 from kiln.planner.memory import DDP_BUCKETS, Layout, activation_bytes_per_layer, memory_breakdown
 
 # d 1024, 4 layers, 8 heads (MHA), ffn 2816, vocab 1000

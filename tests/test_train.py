@@ -9,7 +9,8 @@ import torch
 from kiln.checkpoint.manager import find_resumable
 from kiln.config import load_config
 from kiln.data.synthetic import MarkovSource
-from kiln.train import NonFiniteLoss, build_loader, train
+from kiln.data.loader import build_loader
+from kiln.train import NonFiniteLoss, train
 
 TINY = ["model.vocab_size=64", "model.d_model=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
         "data.synthetic=markov", "logging.tensorboard=false", "logging.progress=false"]

@@ -15,7 +15,6 @@ from kiln.checkpoint.kiln_format import KilnCheckpointReader, is_kiln_checkpoint
 from kiln.checkpoint.layout import Source, cast, iter_checked
 from kiln.errors import KilnError
 
-FORMATS = ("kiln", "hf", "megatron", "deepspeed")
 TARGETS = ("kiln", "hf", "megatron")
 
 __all__ = ["convert", "detect_format", "open_source", "write_kiln", "write_kiln_checkpoint"]

@@ -1,11 +1,11 @@
 """`kiln launch`: N workers on this machine, under torch's elastic agent or under mpiexec.
 
 Both run the same worker, `python -m kiln.cli train <run_dir>/config.yaml`, which finds its rank
-through kiln.launcher.bootstrap. When a worker fails, the elastic agent (`torch.distributed.launcher`,
+through kiln.distributed.rank. When a worker fails, the elastic agent (`torch.distributed.launcher`,
 the engine behind torchrun) stops the others and kiln starts all of them again under a fresh agent, up
 to `max_restarts` times; workers resume from `checkpoints/latest`. Under MPI a failed `mpiexec` is
 rerun the same way. Exit status 2 (a config or input error) is never retried. Signals: see
-kiln.launcher.signals and docs/launching.md "Signals and failures".
+kiln.distributed.signals and docs/launching.md "Signals and failures".
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kiln.config import Config, save_run_config
+from kiln.distributed import parallel_dims
+from kiln.distributed.signals import STOP_SIGNALS, Interrupted, launcher_env
 from kiln.errors import KilnError
-from kiln.launcher.signals import STOP_SIGNALS, Interrupted, launcher_env
-from kiln.parallel.mesh import check_layout
 
 log = logging.getLogger("kiln.launcher")
 
@@ -32,7 +32,7 @@ def prepare_run(cfg: Config, nproc: int) -> Path:
     """Check the layout against the world size and save the resolved config the workers will read."""
     if nproc < 1:
         raise KilnError(f"--nproc must be >= 1, got {nproc}")
-    check_layout(cfg, nproc)
+    parallel_dims(cfg, nproc)
     return save_run_config(cfg)
 
 

@@ -1,7 +1,7 @@
 """`kiln submit`: render an sbatch script from a template, save it with the config, call sbatch.
 
 Launch model: one Slurm task per GPU (per process on CPU). `srun` starts every worker directly and
-each finds its rank from SLURM_* variables (kiln.launcher.bootstrap), so there is no second launcher
+each finds its rank from SLURM_* variables (kiln.distributed.rank), so there is no second launcher
 layer, and Slurm's `--signal` reaches every worker. On the signal the workers checkpoint and exit, and
 rank 0 runs `scontrol requeue`; the requeued job resumes from `checkpoints/latest`.
 
@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from kiln.config import Config, ConfigError, run_dir_of, save_run_config
+from kiln.distributed import parallel_dims
 from kiln.errors import KilnError
-from kiln.parallel.mesh import check_layout
 
 SCRIPT_NAME = "submit.sbatch"
 JOB_ID_FILE = "slurm_job_id"
@@ -35,7 +35,7 @@ DEFAULT_TEMPLATE = """\
 
 set -eo pipefail
 {{modules}}
-# Rank bootstrap (kiln.launcher.bootstrap) reads SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NODELIST;
+# Rank bootstrap (kiln.distributed.rank) reads SLURM_PROCID/SLURM_LOCALID/SLURM_STEP_NODELIST;
 # the master is the first node, the port is derived from the job id.
 export PYTHONUNBUFFERED=1
 export OMP_NUM_THREADS={{omp_threads}}
@@ -154,7 +154,7 @@ def render(cfg: Config, python: Optional[str] = None, workdir: Optional[Path] = 
     """Render the sbatch script for `cfg` (nothing is written)."""
     ntasks = tasks_per_node(cfg)
     world = cfg.cluster.nodes * ntasks
-    check_layout(cfg, world)  # layout errors surface now, not after the job waited in the queue
+    parallel_dims(cfg, world)  # layout errors surface now, not after the job waited in the queue
     run_dir = run_dir_of(cfg)
     workdir = (workdir or Path.cwd()).resolve()
     python = python or ("python3" if cfg.cluster.container_image else sys.executable)

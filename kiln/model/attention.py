@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kiln.config import ATTENTION_BACKENDS
 from kiln.errors import KilnError
 
-BACKENDS = ("auto", "flash", "sdpa", "math")
+BACKENDS = ATTENTION_BACKENDS  # checked when the config loads; here for configs built in code
 
 
 @functools.lru_cache(maxsize=None)

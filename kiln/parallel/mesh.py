@@ -1,57 +1,13 @@
-"""Parallel dims: every mesh dimension derived from the config and world size, validated up front.
+"""The DeviceMesh for a job's parallel dims (kiln.distributed.dims).
 
-`check_layout(cfg, world_size)` raises `ConfigError` for impossible layouts before any process
-group exists (call it from the launcher and from `kiln train` before `init_process_group`);
-`build_mesh` then creates a 4-D `DeviceMesh` with named dims pp, dp_replicate, dp_shard, tp
-(tp innermost, so tensor-parallel peers are neighbouring ranks, i.e. on the same node).
+A 4-D mesh with named dims pp, dp_replicate, dp_shard, tp (tp innermost, so tensor-parallel peers
+are neighbouring ranks, i.e. on the same node); size-1 dims are kept so `mesh["tp"]` always exists.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from kiln.config import Config, grad_accum_steps, pipeline_microbatches, resolve_world, validate
-from kiln.errors import ConfigError
-
-DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    pp: int
-    dp_replicate: int
-    dp_shard: int
-    tp: int
-    virtual_stages: int
-    microbatches: int
-
-    @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
-
-    @property
-    def num_stages(self) -> int:
-        return self.pp * self.virtual_stages
-
-
-def check_layout(cfg: Config, world_size: int) -> ParallelDims:
-    """Resolve the mesh for `world_size`; raise ConfigError. The model/batch/schedule rules were
-    already checked when the config was loaded (kiln.config._validate_layout); checking again here
-    covers a Config built or edited in code."""
-    if world_size < 1:
-        raise ConfigError("parallel", f"world size must be >= 1, got {world_size}")
-    validate(cfg)
-    dims = resolve_world(cfg, world_size)
-    grad_accum_steps(cfg, dims["dp_replicate"] * dims["dp_shard"])  # global batch must split over DP
-    p = cfg.parallel
-    return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp,
-                        virtual_stages=p.pp_virtual_stages if p.pp > 1 else 1,
-                        microbatches=pipeline_microbatches(cfg))
+from kiln.distributed.dims import DIM_NAMES, ParallelDims
 
 
 def build_mesh(dims: ParallelDims, device: torch.device):

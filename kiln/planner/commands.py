@@ -417,7 +417,7 @@ def estimate_command(args) -> int:
 
     from kiln.cli import split_config_args
     from kiln.planner.estimate import plan_assumptions
-    from kiln.planner.hardware import lookup
+    from kiln.hardware import lookup
 
     nums = _numbers(args)
     cfg = load_from_args(args)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kiln.config import ModelConfig
-from kiln.planner.hardware import Accelerator
+from kiln.hardware import Accelerator
 
 DEFAULT_MFU = 0.40  # for accelerators without a published run below (an assumption)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from kiln.config import Config, resolve_world, tokens_per_step
 from kiln.planner import cost as costs
-from kiln.planner.hardware import lookup
+from kiln.hardware import lookup
 from kiln.planner.memory import GIB, Layout, memory_breakdown
 
 

@@ -16,7 +16,7 @@ from kiln.config import ModelConfig, _check_fields, _read_yaml, find_config
 from kiln.errors import ConfigError, KilnError
 from kiln.model.grow import GrowTarget, grown_config
 from kiln.planner import cost as costs
-from kiln.planner.hardware import lookup
+from kiln.hardware import lookup
 
 
 def load_model_config(path: str | Path) -> ModelConfig:

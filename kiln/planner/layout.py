@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
-from kiln.planner.hardware import Accelerator
+from kiln.hardware import Accelerator
 from kiln.planner.memory import GIB, Layout, memory_breakdown
 
 DEFAULT_HEADROOM = 0.9  # usable fraction of device memory: CUDA context, NCCL, fragmentation

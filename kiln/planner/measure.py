@@ -73,7 +73,8 @@ def measure(cfg: Config, gpus: int) -> dict:
 
     from kiln.model import Transformer
     from kiln.optim import build_optimizer
-    from kiln.parallel import check_layout, setup_parallel
+    from kiln.distributed import parallel_dims
+    from kiln.parallel import setup_parallel
 
     if cfg.parallel.engine != "native":
         raise KilnError("--measure: measures kiln's native engine (FSDP2/TP) only, not DeepSpeed")
@@ -92,7 +93,7 @@ def measure(cfg: Config, gpus: int) -> dict:
     if cfg.parallel.mixed_precision == "auto":
         cfg.parallel.mixed_precision = "bf16"  # what "auto" resolves to on the GPU being estimated
     cfg.parallel.init = "full"  # fake tensors: "full" init allocates nothing; steady-state memory is the same
-    check_layout(cfg, gpus)
+    parallel_dims(cfg, gpus)
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     os.environ.update({"RANK": "0", "WORLD_SIZE": str(gpus), "LOCAL_RANK": "0"})
     try:
@@ -118,7 +119,7 @@ def measure(cfg: Config, gpus: int) -> dict:
             tracker.track_external(*rt.model_parts, *optimizers)
             with tracker:
                 rt.forward_backward(batch, 1.0 / accum)
-                rt.optimizer_step(optimizers)
+                rt.optimizer_step()
             peak = tracker.get_tracker_snapshot("peak")
     finally:
         for k, v in env.items():

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from kiln.errors import KilnError
 from kiln.planner import cost as costs
-from kiln.planner.hardware import Accelerator, lookup
+from kiln.hardware import Accelerator, lookup
 from kiln.planner.laws import (DEFAULT_LAW, MUENNIGHOFF, ParametricLaw, get_law, inference_optimum,
                                inference_optimum_at_loss)
 from kiln.planner.layout import DEFAULT_HEADROOM, GPUS_PER_NODE, choose_layout

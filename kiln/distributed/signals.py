@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Optional
 
-log = logging.getLogger("kiln.launcher")
+log = logging.getLogger("kiln.distributed")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REQUEUE_SIGNAL = signal.SIGUSR1
@@ -106,7 +106,7 @@ def _say(text: str) -> None:
 
 
 def _rank() -> int:
-    from kiln.launcher.bootstrap import current
+    from kiln.distributed.rank import current
 
     info = current()
     return info.rank if info else int(os.environ.get("RANK", "0") or 0)

@@ -1,25 +1,19 @@
-"""Rank bootstrap: one description of this worker's place in the job, however it was started.
+"""Rank detection: one description of this worker's place in the job, however it was started.
 
 A worker may be started by torchrun / `kiln launch` (RANK, WORLD_SIZE, ... in the environment),
 by `srun` (SLURM_PROCID, SLURM_STEP_NUM_TASKS, ...), by `mpiexec` (rank and size from mpi4py's
 COMM_WORLD) or by hand (a single process). `detect_rank()` reads whichever applies and exports the
 torchrun variables, so `init_process_group(init_method="env://")` works the same in all four cases.
-`shutdown()` is the exit path every worker takes: without barrier + destroy + flush + `os._exit`,
-gloo teardown intermittently aborts with SIGABRT (see reference/platform-notes.md).
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import socket
-import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
 from kiln.errors import KilnError
-
-log = logging.getLogger("kiln.launcher")
 
 MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
 MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
@@ -232,54 +226,3 @@ def expand_tasks_per_node(spec: str) -> list[int]:
             raise KilnError(f"cannot parse SLURM_TASKS_PER_NODE={spec!r}")
         counts += [int(m.group(1))] * int(m.group(2) or 1)
     return counts
-
-
-# -- exit -------------------------------------------------------------------------------------------
-def shutdown(rank_info: Optional[RankInfo] = None, *, requeue: bool = False, exit_code: int = 0) -> None:
-    """End this worker cleanly and never return.
-
-    All ranks agree on `requeue` and the exit status (any rank asking is enough); rank 0 then asks
-    Slurm to requeue the job, after the barrier, so every rank has finished its checkpoint first. Then the process group
-    is destroyed, output flushed, MPI finalized when MPI started us, and the process leaves with
-    `os._exit` (skipping the interpreter teardown that makes gloo abort).
-    """
-    info = rank_info or _current or RankInfo(0, 1, 0, 1, "127.0.0.1", 0, "single")
-    try:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            import torch
-
-            backend = dist.get_backend()
-            device = torch.device("cuda", info.local_rank) if backend == "nccl" else torch.device("cpu")
-            # Every rank leaves with the same status (a signal that stopped one rank stopped all).
-            flag = torch.tensor([1.0 if requeue else 0.0, float(exit_code)], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # doubles as the barrier
-            requeue, exit_code = bool(flag[0].item()), int(flag[1].item())
-            if requeue and info.rank == 0:
-                _requeue()
-            dist.barrier()
-            dist.destroy_process_group()
-        elif requeue and info.rank == 0:
-            _requeue()
-    except Exception as exc:  # a broken group at exit must not hide the exit code
-        print(f"kiln: shutdown: {exc}", file=sys.stderr)
-        exit_code = exit_code or 1
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if info.source == "mpi":
-        try:
-            from mpi4py import MPI
-
-            if MPI.Is_initialized() and not MPI.Is_finalized():
-                MPI.Finalize()
-        except ImportError:
-            pass
-    os._exit(exit_code)
-
-
-def _requeue() -> None:
-    from kiln.launcher.signals import requeue
-
-    requeue()
