@@ -111,6 +111,19 @@ class RopeScalingConfig:
 
 
 @dataclass
+class AttentionPatternConfig:
+    """Block-sparse causal attention (kiln.model.attention.SparsePattern): dense, strided (a local
+    band plus every stride-th block back, Sparse Transformer / LongNet dilation) or local_global
+    (a local band plus the first global_blocks blocks, Longformer/BigBird's global tokens)."""
+
+    kind: str = one_of("dense", "strided", "local_global")
+    block: int = ranged(64, 1, 2 ** 20)  # tokens per block
+    local_blocks: int = ranged(1, 1, 2 ** 20)  # blocks of the band, the query's own included
+    global_blocks: int = ranged(1, 0, 2 ** 20)  # local_global: leading blocks every query sees
+    stride: int = ranged(4, 1, 2 ** 20)  # strided: every stride-th earlier block
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = ranged(512, 1, 2 ** 24)
@@ -132,6 +145,8 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
     attention_window: Optional[int] = ranged(None, 1, 2 ** 24)  # sliding window: a query sees this many keys, itself included
+    attention_pattern: Optional[AttentionPatternConfig] = None  # None: dense (see docs/training.md)
+    position: str = one_of("rope", "alibi")  # alibi: per-head linear distance biases (Press et al.), no RoPE
 
     # Shape facts, resolved once here so the model, planner, converters and checks agree.
     @property
@@ -515,6 +530,11 @@ def validate(cfg: Config) -> None:
     else:
         _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
     _validate_rope_scaling(m)
+    if m.position == "alibi":
+        _check(m.rope_scaling is None, "model.rope_scaling", "applies to RoPE only; unset it with model.position=alibi")
+    if m.attention_pattern is not None and m.attention_pattern.kind != "dense":
+        _check(m.attention_window is None, "model.attention_window",
+               "set either a sliding window or model.attention_pattern, not both")
     _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", f"{m.kv_heads} must divide model.n_heads={m.n_heads}")
     _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
     _validate_layout(cfg)

@@ -160,7 +160,11 @@ def train(cfg: Config) -> dict:
         # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
         from kiln.checkpoint.kiln_format import resolve_step_dir
 
-        ckpt.load_weights(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, config_hash(cfg))
+        init_dir = resolve_step_dir(Path(cfg.checkpoint.init_from))
+        ckpt.load_weights(init_dir, rt.model_parts, config_hash(cfg))
+        if rank == 0:
+            print(f"initialized weights from {init_dir} (weights only: the optimizer state is reset and "
+                  f"training starts at step 0)", flush=True)
     rt.build_optimizers(lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = tokens_per_step(cfg, rt.dp_size)
@@ -186,7 +190,8 @@ def train(cfg: Config) -> dict:
         elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
             train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
         if rank == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
+            fresh = " (weights only: the optimizer state is reset)" if meta.get("model_only") else ""
+            print(f"resumed from {resume_from} at step {step}{fresh}", flush=True)
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)

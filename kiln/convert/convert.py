@@ -98,6 +98,18 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def refuse_unexportable(m, to: str) -> None:
+    """Model variants that Hugging Face Llama and Megatron-Core GPT cannot express: converting them
+    would write weights whose logits differ silently, so refuse with the key to blame."""
+    target = "Hugging Face Llama" if to == "hf" else "Megatron-Core GPT"
+    if m.position != "rope":
+        raise KilnError(f"--to {to}: model.position={m.position} has no {target} equivalent (it uses RoPE); "
+                        f"keep this checkpoint in kiln's format")
+    if m.attention_pattern is not None and m.attention_pattern.kind != "dense":
+        raise KilnError(f"--to {to}: model.attention_pattern.kind={m.attention_pattern.kind} has no {target} "
+                        f"equivalent (dense causal attention); keep this checkpoint in kiln's format")
+
+
 def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: Optional[str] = None,
             max_shard_size: str | int = "5GB", dtype: Optional[str] = None, vocab_multiple: int = 128,
             megatron_format: str = "torch") -> dict:
@@ -113,6 +125,8 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
     if to != "megatron" and (tp, pp) != (1, 1):
         raise KilnError("--tp/--pp select a Megatron layout; they need --to megatron")
     source = open_source(src, fmt)
+    if to != "kiln":
+        refuse_unexportable(source.cfg.model, to)
     _prepare_out(out)
     bar = _count_reads(source)
     if to == "hf":
