@@ -134,7 +134,7 @@ def test_config_joint_refusals():
                                           ("model.attention_pattern.kind=strided", "attention_pattern.kind=strided")])
 @pytest.mark.parametrize("to", ["hf", "megatron"])
 def test_export_refused(tmp_path, over, needle, to):
-    from kiln.checkpoint.convert import convert
+    from kiln.convert.convert import convert
     from kiln.checkpoint.kiln_format import write_kiln_checkpoint
 
     cfg = load_config([], ["data.synthetic=markov", "model.vocab_size=64", "model.d_model=16", "model.n_layers=1",

@@ -65,7 +65,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def run_grow(args: argparse.Namespace) -> int:
-    from kiln.checkpoint.grow import grow_checkpoint
+    from kiln.convert.grow import grow_checkpoint
     from kiln.errors import KilnError
     from kiln.model.grow import GrowTarget
 
