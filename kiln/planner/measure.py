@@ -266,7 +266,7 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
                 # all but the last micro-batch of the next step fill its gradient partitions.
                 for _ in range(accum):
                     rt.forward_backward(batch, 1.0 / accum)
-                rt.optimizer_step(optimizers)
+                rt.optimizer_step()
                 for _ in range(accum - 1):
                     rt.forward_backward(batch, 1.0 / accum)
             else:
@@ -281,7 +281,7 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
                 tracker.track_external(*[p for opt in optimizers for g in opt.param_groups for p in g["params"]])
             with tracker:
                 rt.forward_backward(batch, 1.0 / accum)
-                rt.optimizer_step(optimizers)
+                rt.optimizer_step()
             peak = tracker.get_tracker_snapshot("peak")
     finally:
         for k, v in env.items():
