@@ -65,7 +65,9 @@ def main() -> int:
     return 0
 
 
-# An 8B model (configs/model/8b.yaml), 4096-token sequences, on 8 GPUs: the layouts docs/planning.md shows.
+# An 8B model's widths (configs/model/8b.yaml) with 8 of its 32 layers (a fake-tensor step costs CPU
+# time per layer, not per width), 4096-token sequences, on 8 GPUs: the layouts docs/planning.md shows.
+PLOT_LAYERS = 8
 PLOT_LAYOUTS = [
     ("FSDP8, no recompute", ["parallel.dp_shard=8", "parallel.activation_checkpoint=none"]),
     ("FSDP8, selective", ["parallel.dp_shard=8", "parallel.activation_checkpoint=selective"]),
@@ -89,14 +91,15 @@ def plot(path: str) -> int:
     rows = []
     for label, over in PLOT_LAYOUTS:
         cfg = load_config([root / "configs/model/8b.yaml"], ["data.synthetic=markov", "data.seq_len=4096",
-                                                             "train.micro_batch=1", *over])
+                                                             f"model.n_layers={PLOT_LAYERS}", "train.micro_batch=1",
+                                                             *over])
         formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, 8))
         measured = measure(cfg, 8)["total"]
         rows.append({"label": label, "formula": formula, "measured": measured})
         print(f"{label:28s} formula {formula['total'] / 2 ** 30:6.1f} GiB  measured {measured / 2 ** 30:6.1f} GiB",
               flush=True)
-    plot_memory_layouts(rows, path, "Per-GPU memory, 8B model, seq 4096, micro-batch 1, 8 GPUs "
-                                    "(bars: formula terms; diamonds: kiln estimate --measure)")
+    plot_memory_layouts(rows, path, f"Per-GPU memory, 8B widths x {PLOT_LAYERS} layers, seq 4096, micro-batch 1, "
+                                    "8 GPUs (bars: formula terms; diamonds: kiln estimate --measure)")
     print(f"wrote {path}")
     return 0
 
