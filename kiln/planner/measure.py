@@ -5,9 +5,15 @@ the real model at its real size, on the CPU, with every tensor fake (torch's Fak
 dtypes and devices, no storage), the "fake" process group standing in for the other ranks, and
 torch's MemTracker attributing every allocation to parameters, gradients, optimizer state,
 activations or temporaries. Nothing is allocated, so a 70B model on 8 GPUs measures in seconds to
-minutes on a laptop. The result is the peak of rank 0 (the first pipeline stage, which holds the most
-activations under 1F1B); caching-allocator fragmentation, CUDA context and NCCL buffers are not
+minutes on a laptop. The result is the peak of rank 0 or, with a pipeline, of whichever of rank 0
+(first stage: the most activations under 1F1B) and the last stage's first rank (output layer and
+logits) peaks higher. Caching-allocator fragmentation, CUDA context and NCCL buffers are not
 included (the usable headroom covers them).
+
+Fake tensors have shapes but no values, so the few places that read values are answered for the
+fake world by `_fake_friendly_setup` (pipeline P2P votes and shape exchange, DeepSpeed's overflow and
+cross-rank checks, meshes built inside FSDP); each such answer is the one a training step gets.
+Interleaved pipeline stages would need another rank's activations first and are refused in one line.
 """
 from __future__ import annotations
 
@@ -298,4 +304,6 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
         if name in CATEGORIES:
             out[CATEGORIES[name]] += float(value)
     out["total"] = float(snap.get("Total", sum(out.values())))
+    if not out["master"]:  # only DeepSpeed keeps a separate fp32 master copy
+        del out["master"]
     return out
