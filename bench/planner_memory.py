@@ -99,7 +99,7 @@ def plot(path: str) -> int:
         print(f"{label:28s} formula {formula['total'] / 2 ** 30:6.1f} GiB  measured {measured / 2 ** 30:6.1f} GiB",
               flush=True)
     plot_memory_layouts(rows, path, f"Per-GPU memory, 8B widths x {PLOT_LAYERS} layers, seq 4096, micro-batch 1, "
-                                    "8 GPUs (bars: formula terms; diamonds: kiln estimate --measure)")
+                                    "8 GPUs")
     print(f"wrote {path}")
     return 0
 
