@@ -62,3 +62,17 @@ def test_default_optimizer_on_cpu_is_fused_single_process_and_foreach_sharded():
     model = Transformer(cfg.model)
     assert build_optimizer(model, cfg.optim, CPU, distributed=False).defaults["fused"] is True
     assert not build_optimizer(model, cfg.optim, CPU, distributed=True).defaults["fused"]
+
+
+def test_attention_backend_choice_compiles_without_a_graph_break():
+    """torch.compile reads the flash-attn probe as a constant (an lru_cache there made Dynamo trace
+    the import inside every compiled attention call)."""
+    from kiln.model.attention import flash_attn_module, resolve_backend
+
+    flash_attn_module()
+
+    def scale(x):
+        return x * (2 if resolve_backend("auto", CUDA, torch.bfloat16) == "sdpa" else 3)
+
+    compiled = torch.compile(scale, backend="eager", fullgraph=True)
+    assert float(compiled(torch.ones(1))) == (2.0 if flash_attn_module() is None else 3.0)

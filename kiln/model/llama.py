@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScalingConfig
-from kiln.model.attention import attention, resolve_backend
+from kiln.model.attention import attention, flash_attn_module, resolve_backend
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, float]:
@@ -107,6 +107,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        flash_attn_module()  # the import attempt happens here, eagerly, not inside a compiled forward
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape
