@@ -568,7 +568,7 @@ def main(argv=None) -> int:
     ap.add_argument("--part-result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out = args.out or os.environ.get("OUT") or "gpu_check_results"
-    args.budget = args.budget or (120.0 if args.cpu else 450.0)
+    args.budget = (120.0 if args.cpu else 450.0) if args.budget is None else max(args.budget, 0.0)
     args.seq_len = args.seq_len or (32 if args.cpu else 2048)
     args.micro_batch = args.micro_batch or (2 if args.cpu else 4)
     args.steps = args.steps or (2 if args.cpu else 20)

@@ -74,11 +74,12 @@ def model_rope_cache(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = cache[: x.shape[1], None, :, 0], cache[: x.shape[1], None, :, 1]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position: each pair is the
+    complex number x[2i] + i x[2i+1] times cos + i sin, one complex multiply (a third fewer kernels
+    and no stack copy, against the same product written out in reals)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.view_as_complex(cache[: x.shape[1]])[:, None, :]
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):

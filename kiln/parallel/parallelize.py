@@ -124,6 +124,11 @@ def _selective_policy():
                  "_scaled_dot_product_cudnn_attention"):
         if hasattr(ops, name):
             save.add(getattr(ops, name).default)
+    for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):  # flash-attn >= 2.7 registers these
+        try:
+            save.add(getattr(torch.ops.flash_attn, name).default)
+        except (AttributeError, RuntimeError):
+            pass
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
