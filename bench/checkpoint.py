@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kiln.checkpoint.manager import CheckpointManager  # noqa: E402
+from kiln.checkpoint.state import ModelState  # noqa: E402
 from kiln.config import load_config, to_yaml  # noqa: E402
 from kiln.model import Transformer  # noqa: E402
 from kiln.optim import build_optimizer  # noqa: E402
@@ -26,7 +27,7 @@ def blocking_seconds(model, opt, cfg, async_save: bool, step: int, root: Path) -
     """(seconds the caller was blocked, seconds until the checkpoint was complete)."""
     mgr = CheckpointManager(root, keep_last=1, async_save=async_save)
     t0 = time.perf_counter()
-    mgr.save(step, [model], [opt], {"tokens": 0}, None, 0, to_yaml(cfg))
+    mgr.save(step, ModelState([model], [opt]), {"tokens": 0}, None, 0, to_yaml(cfg))
     blocked = time.perf_counter() - t0
     mgr.wait()
     return blocked, time.perf_counter() - t0

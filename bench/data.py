@@ -108,7 +108,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from kiln.config import DataConfig
-    from kiln.data.loader import build_loader
+    from kiln.data.loader import shard_loader
     from kiln.data.prepare import prepare
     from kiln.data.shards import index_shard, read_manifest
 
@@ -135,7 +135,7 @@ def main() -> int:
           f"{args.workers} workers, {args.seconds:.0f}s per measurement", file=sys.stderr)
 
     cfg = DataConfig(path=data, seq_len=args.seq, num_workers=args.workers)
-    stream = timed(build_loader(cfg, split="train", micro_batch=args.batch, dp_rank=0, dp_size=1,
+    stream = timed(shard_loader(cfg, split="train", micro_batch=args.batch, dp_rank=0, dp_size=1,
                                 vocab_size=manifest["vocab_size"]), args.seconds)
     mm = timed(memmap_loader(flat, args.seq, args.batch, args.workers), args.seconds)
     raw = timed(memmap_raw(flat, args.seq, args.batch), args.seconds)

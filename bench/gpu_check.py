@@ -157,23 +157,23 @@ def fast_paths(cfg, device, opts, dtype) -> dict:
 
 
 def train_steps(rt, opts, cfg, batches, steps: int, warmup: int) -> dict:
-    """`warmup` untimed steps, then `steps` timed ones (synchronized), kiln's step pieces in kiln's order."""
+    """`warmup` untimed steps, then `steps` timed ones (synchronized): kiln's own `train_step` (forward and
+    backward, clip, the on-device finiteness check, AdamW) with kiln's LR schedule, as `kiln train` runs it."""
     from kiln.optim import lr_at, set_lr
+    from kiln.train import train_step
 
     total = warmup + steps
-    loss, t0 = None, None
+    result, t0 = None, None
     for i in range(total):
         if i == warmup:
             sync(rt.device)
             t0 = time.perf_counter()
         set_lr(opts, lr_at(i, total, cfg.optim))
-        loss = rt.forward_backward(batches[i % len(batches)], 1.0)
-        rt.clip_grad_norm_(cfg.optim.grad_clip)
-        rt.optimizer_step(opts)
+        result = train_step(rt, iter([batches[i % len(batches)]]), 1, cfg.optim.grad_clip)
     sync(rt.device)
     seconds = time.perf_counter() - t0
     tokens = steps * cfg.train.micro_batch * cfg.data.seq_len
-    return {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "loss": float(loss)}
+    return {"tokens_per_s": tokens / seconds, "step_s": seconds / steps, "loss": float(result.loss)}
 
 
 def free_port() -> int:
@@ -284,7 +284,7 @@ def part_checkpoint(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = CheckpointManager(tmp, keep_last=1)
         t0 = time.perf_counter()
-        ckpt.save(1, rt.model_parts, opts, {"tokens": 0, "config_hash": config_hash(cfg)}, None, 0, to_yaml(cfg))
+        ckpt.save(1, rt, {"tokens": 0, "config_hash": config_hash(cfg)}, None, 0, to_yaml(cfg))
         ckpt.wait()
         save_s = time.perf_counter() - t0
         saved = snapshot(rt, opts)
@@ -292,7 +292,7 @@ def part_checkpoint(args) -> dict:
         saved_at = ckpt.find_resumable()
         rt2, opts2 = build_runtime(cfg)
         t0 = time.perf_counter()
-        ckpt.load(saved_at, rt2.model_parts, opts2, config_hash(cfg))
+        ckpt.load(saved_at, rt2, config_hash(cfg))
         load_s = time.perf_counter() - t0
         loaded = snapshot(rt2, opts2)
         resumed = train_steps(rt2, opts2, cfg, batches, steps=1, warmup=0)["loss"]

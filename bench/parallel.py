@@ -37,6 +37,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
     from kiln.config import load_config
     from kiln.model.llama import Transformer
     from kiln.parallel import setup_parallel
+    from kiln.train import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -48,7 +49,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
         with torch.device("meta"):
             model = Transformer(cfg.model)
         rt = setup_parallel(cfg, model, world, rank)
-        opts = rt.build_optimizers(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True))
+        rt.build_optimizers(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True))
         gen = torch.Generator().manual_seed(rt.dp_rank)
         tokens = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq + 1), generator=gen)
         batch = {"input": tokens[:, :-1], "target": tokens[:, 1:]}
@@ -56,13 +57,11 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
             if step == 1:
                 dist.barrier()
                 start = time.perf_counter()
-            rt.forward_backward(batch, 1.0)
-            rt.clip_grad_norm_(1.0)
-            rt.optimizer_step(opts)
+            train_step(rt, iter([batch]), 1, 1.0)
         dist.barrier()
         elapsed = time.perf_counter() - start
         results[name] = args.steps * args.micro_batch * args.seq * rt.dp_size / elapsed
-        del rt, opts
+        del rt
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.barrier()

@@ -22,7 +22,7 @@ VERB_MODULES = (
     "kiln.data.commands",  # data prepare|inspect
     "kiln.train_commands",  # train, generate
     "kiln.launcher.commands",  # launch, submit, status
-    "kiln.checkpoint.commands",  # convert
+    "kiln.convert.commands",  # convert
 )
 
 

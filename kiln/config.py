@@ -86,6 +86,11 @@ def plain_name(default: str) -> Any:
 BIG = 2 ** 20  # a generous ceiling for widths and counts: catches a typo such as 1e11, not a real model
 
 
+# Choices that code elsewhere dispatches on: declared once, checked at load (one_of), imported there.
+ATTENTION_BACKENDS = ("auto", "flash", "sdpa", "math")
+PP_SCHEDULES = ("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble")
+
+
 @dataclass
 class RopeScalingConfig:
     """RoPE frequency scaling for long context, with Hugging Face's parameter names.
@@ -106,6 +111,19 @@ class RopeScalingConfig:
 
 
 @dataclass
+class AttentionPatternConfig:
+    """Block-sparse causal attention (kiln.model.attention.SparsePattern): dense, strided (a local
+    band plus every stride-th block back, Sparse Transformer / LongNet dilation) or local_global
+    (a local band plus the first global_blocks blocks, Longformer/BigBird's global tokens)."""
+
+    kind: str = one_of("dense", "strided", "local_global")
+    block: int = ranged(64, 1, 2 ** 20)  # tokens per block
+    local_blocks: int = ranged(1, 1, 2 ** 20)  # blocks of the band, the query's own included
+    global_blocks: int = ranged(1, 0, 2 ** 20)  # local_global: leading blocks every query sees
+    stride: int = ranged(4, 1, 2 ** 20)  # strided: every stride-th earlier block
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = ranged(512, 1, 2 ** 24)
@@ -119,7 +137,7 @@ class ModelConfig:
     rope_theta: float = ranged(10000.0, 0, lo_open=True)
     max_seq_len: int = ranged(2048, 1, 2 ** 24)
     tie_embeddings: bool = False
-    attention: str = one_of("auto", "flash", "sdpa", "math")
+    attention: str = one_of(*ATTENTION_BACKENDS)
     init_std: float = ranged(0.02, 0, 10, lo_open=True)
     head_dim: Optional[int] = ranged(None, 2, 4096)  # None: d_model / n_heads
     rope_scaling: Optional[RopeScalingConfig] = None  # None: plain RoPE
@@ -127,6 +145,8 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     mlp_bias: bool = False  # biases on gate, up and down (Llama's mlp_bias)
     attention_window: Optional[int] = ranged(None, 1, 2 ** 24)  # sliding window: a query sees this many keys, itself included
+    attention_pattern: Optional[AttentionPatternConfig] = None  # None: dense (see docs/training.md)
+    position: str = one_of("rope", "alibi")  # alibi: per-head linear distance biases (Press et al.), no RoPE
 
     # Shape facts, resolved once here so the model, planner, converters and checks agree.
     @property
@@ -175,7 +195,7 @@ class ParallelConfig:
     dp_shard: int = ranged(-1, -1, BIG)  # -1: the rest of the world
     tp: int = ranged(1, 1, 4096)
     sequence_parallel: bool = True  # only meaningful with tp > 1
-    pp_schedule: str = one_of("1f1b", "gpipe", "interleaved_1f1b", "zero_bubble")
+    pp_schedule: str = one_of(*PP_SCHEDULES)
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
     pp_virtual_stages: int = ranged(1, 1, 4096)  # stages per rank (interleaved schedules need > 1)
     activation_checkpoint: str = one_of("none", "selective", "full")
@@ -511,6 +531,11 @@ def validate(cfg: Config) -> None:
     else:
         _check(m.head_dim % 2 == 0, "model.head_dim", f"{m.head_dim} must be even for RoPE")
     _validate_rope_scaling(m)
+    if m.position == "alibi":
+        _check(m.rope_scaling is None, "model.rope_scaling", "applies to RoPE only; unset it with model.position=alibi")
+    if m.attention_pattern is not None and m.attention_pattern.kind != "dense":
+        _check(m.attention_window is None, "model.attention_window",
+               "set either a sliding window or model.attention_pattern, not both")
     _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", f"{m.kv_heads} must divide model.n_heads={m.n_heads}")
     _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
     _validate_layout(cfg)
@@ -525,6 +550,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
     _validate_trackers(cfg)
+    _validate_cluster(cfg)
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -592,6 +618,37 @@ def _validate_layout(cfg: Config) -> None:
         _check(p.dp_replicate == 1, "parallel.dp_replicate", "deepspeed shards over all DP ranks; leave dp_replicate=1")
         _check(p.init != "sharded", "parallel.init", "sharded initialization needs parallel.engine=native; "
                "DeepSpeed builds the full model on every rank before ZeRO partitions it")
+        _check(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer",
+               "needs parallel.zero_stage >= 1")
+
+
+# What a cluster field may hold: each is written on an `#SBATCH` line (sbatch splits those itself;
+# no shell, but no spaces either).
+SBATCH_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+SBATCH_FIELDS = {
+    "partition": (r"[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*", "partition"),
+    "account": (SBATCH_NAME, "account"),
+    "qos": (SBATCH_NAME, "QOS"),
+    "constraint": (r"[A-Za-z0-9._,&|()\[\]*!:+-]+", "constraint"),
+    "time": (r"\d+(:\d+){1,2}|\d+-\d+(:\d+){0,2}", "time limit (HH:MM:SS, MM:SS or D-HH[:MM[:SS]])"),
+}
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _validate_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    if c.time is not None and str(c.time).isdigit():
+        # YAML reads an unquoted 12:00:00 as the integer 43200 (base 60); refuse to guess the unit.
+        raise ConfigError("cluster.time", f"{c.time!r} is a bare number: write a quoted string such as "
+                                          "'12:00:00' or '2-00:00:00' (YAML turns unquoted 12:00:00 into 43200)")
+    for key, (pattern, what) in SBATCH_FIELDS.items():
+        value = getattr(c, key)
+        if value not in (None, ""):
+            _check(re.fullmatch(pattern, str(value)) is not None, f"cluster.{key}",
+                   f"{str(value)!r} is not a valid {what} (it would be written on an #SBATCH line)")
+    for key in c.env or {}:
+        _check(re.fullmatch(ENV_NAME, str(key)) is not None, f"cluster.env.{key}",
+               "is not a valid environment variable name")
 
 
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:

@@ -17,7 +17,7 @@ def load_model(ckpt: Path) -> tuple[Transformer, Config]:
         raise KilnError(f"checkpoint {ckpt} has no config.yaml")
     cfg = from_yaml_text(cfg_file.read_text())
     model = Transformer(cfg.model)
-    CheckpointManager(ckpt.parent).load(ckpt, [model], None, None)
+    CheckpointManager(ckpt.parent).load_weights(ckpt, [model], None)
     return model.eval(), cfg
 
 

@@ -48,10 +48,12 @@ class NoiseScale:
 
     def after_first_micro_batch(self, rt) -> None:
         """The gradient now holds the first micro-batch's loss scaled by 1/accum: undo the scale."""
-        self.g2_small = (self.accum * rt.clip_grad_norm_(0.0)) ** 2  # max_norm 0: measure only
+        self.g2_small = (self.accum * float(rt.clip_grad_norm_(0.0))) ** 2  # max_norm 0: measure only
 
-    def after_step_gradient(self, grad_norm: float) -> None:
-        """`grad_norm` is the whole step's gradient norm, before clipping."""
+    def after_step_gradient(self, grad_norm) -> None:
+        """`grad_norm` is the whole step's gradient norm, before clipping (reading it syncs the device:
+        the measurement's cost, paid only with train.noise_scale)."""
+        grad_norm = float(grad_norm)
         if self.g2_small is None or not math.isfinite(grad_norm):
             return
         g2, s = estimate(self.g2_small, grad_norm ** 2, self.b_small, self.b_big)

@@ -10,20 +10,24 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from kiln.checkpoint.manager import CheckpointManager, read_meta
 from kiln.checkpoint.resume import check_resume
 from kiln.config import (Config, config_hash, grad_accum_steps, micro_step_tokens, run_dir_of, save_run_config,
                          to_yaml, tokens_per_step)
+from kiln.data.loader import build_loader
 from kiln.distributed import any_rank, detect_rank, init_process_group, parallel_dims, pick_device
 from kiln.errors import KilnError
 from kiln.metrics import MetricsLogger, device_peak_flops, mfu, quiet_other_ranks
 from kiln.model import Transformer, flops_per_token
 from kiln.optim import build_optimizer, lr_at, set_lr
+from kiln.parallel.protocol import Runtime
 
 log = logging.getLogger("kiln.train")
 PREPARE_WAIT_S = 6 * 3600  # ranks > 0 wait this long for rank 0 to tokenize a missing corpus
@@ -33,20 +37,65 @@ class NonFiniteLoss(KilnError):
     pass
 
 
-def build_loader(cfg: Config, split: str, dp_rank: int, dp_size: int) -> Iterable[dict]:
-    """The batch stream for one DP rank: the Markov oracle source, or prepared shards."""
-    micro = cfg.train.micro_batch
-    if cfg.data.synthetic == "markov":
-        from kiln.data.synthetic import MarkovLoader, MarkovSource
+class NonFiniteGradient(KilnError):
+    """Raised by train_step before the optimizer step; train() turns it into NonFiniteLoss with context."""
 
-        source = MarkovSource(cfg.data.synthetic_vocab, seed=cfg.data.seed)
-        return MarkovLoader(source, seq_len=cfg.data.seq_len, micro_batch=micro, seed=cfg.data.seed,
-                            dp_rank=dp_rank, dp_size=dp_size, split=split,
-                            max_batches=None if split == "train" else cfg.train.eval_steps)
-    from kiln.data.loader import build_loader as build_shard_loader
 
-    return build_shard_loader(cfg.data, split=split, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
-                              vocab_size=cfg.model.vocab_size)
+@dataclass
+class StepResult:
+    loss: Optional[torch.Tensor]  # this rank's mean micro-batch loss, on the device (None off the last stage)
+    grad_norm: torch.Tensor  # global, before clipping, on the device
+
+
+def train_step(rt: Runtime, batches: Iterator[dict], accum: int, grad_clip: float, noise=None,
+               before_update: Optional[Callable[[], None]] = None) -> StepResult:
+    """One optimizer step: `accum` micro-batches forward and backward, clip by the global norm, step.
+
+    Values stay on the device: the one host sync is reading the runtime's finiteness flag, so a
+    non-finite step raises NonFiniteGradient before the optimizer touches the weights. `before_update`
+    sees the clipped gradients (tests compare them with a single process)."""
+    losses = []
+    for micro in range(accum):
+        loss = rt.forward_backward(next(batches), 1.0 / accum)
+        if loss is not None:
+            losses.append(loss)
+        if noise and micro == 0:
+            noise.after_first_micro_batch(rt)
+    grad_norm = rt.clip_grad_norm_(grad_clip)
+    if noise:
+        noise.after_step_gradient(grad_norm)
+    mean_loss = torch.stack(losses).mean() if losses else None
+    if not rt.all_finite(mean_loss, grad_norm):
+        raise NonFiniteGradient(f"non-finite loss or gradient (grad_norm {float(grad_norm)})")
+    if before_update:
+        before_update()
+    rt.optimizer_step()
+    return StepResult(mean_loss, grad_norm)
+
+
+class StopVote:
+    """Every rank learns, one step late, whether any rank asked to stop: the vote's all-reduce runs in
+    the background (gloo, on the CPU) while the next step computes, so it never stalls the step."""
+
+    def __init__(self):
+        self._work = self._flag = None
+
+    def __call__(self, asked: bool) -> bool:
+        if not dist.is_initialized():
+            return asked
+        decided = False
+        if self._work is not None:
+            self._work.wait()
+            decided = bool(self._flag.item())
+        self._flag = torch.tensor([1.0 if asked else 0.0])
+        self._work = dist.all_reduce(self._flag, op=dist.ReduceOp.MAX, async_op=True)
+        return decided
+
+    def close(self) -> None:
+        """Finish the vote in flight (every rank has one, so this matches across ranks)."""
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
 
 
 def _prepare_data(cfg: Config, rank: int) -> None:
@@ -111,10 +160,12 @@ def train(cfg: Config) -> dict:
         # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
         from kiln.checkpoint.kiln_format import resolve_step_dir
 
-        ckpt.load(resolve_step_dir(Path(cfg.checkpoint.init_from)), rt.model_parts, None, config_hash(cfg))
-    optimizers = rt.build_optimizers(
-        lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
-    engine = getattr(rt, "engine", None)  # DeepSpeed saves and loads its own ZeRO shards
+        init_dir = resolve_step_dir(Path(cfg.checkpoint.init_from))
+        ckpt.load_weights(init_dir, rt.model_parts, config_hash(cfg))
+        if rank == 0:
+            print(f"initialized weights from {init_dir} (weights only: the optimizer state is reset and "
+                  f"training starts at step 0)", flush=True)
+    rt.build_optimizers(lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = tokens_per_step(cfg, rt.dp_size)
     if resume_from is not None:
@@ -130,7 +181,7 @@ def train(cfg: Config) -> dict:
     val_loader = None
     step, tokens, last_saved = 0, 0, None
     if resume_from is not None:
-        meta = ckpt.load(resume_from, rt.model_parts, optimizers, config_hash(cfg), engine=engine)
+        meta = ckpt.load(resume_from, rt, config_hash(cfg))
         step, tokens = meta["step"], meta["tokens"]
         last_saved = step  # already on disk: finishing a finished run must not rewrite it
         states = meta.get("data_state") or {}
@@ -139,7 +190,8 @@ def train(cfg: Config) -> dict:
         elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
             train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
         if rank == 0:
-            print(f"resumed from {resume_from} at step {step}", flush=True)
+            fresh = " (weights only: the optimizer state is reset)" if meta.get("model_only") else ""
+            print(f"resumed from {resume_from} at step {step}{fresh}", flush=True)
 
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = device_peak_flops(rt.device)
@@ -156,42 +208,41 @@ def train(cfg: Config) -> dict:
         nonlocal last_saved
         if cfg.checkpoint.enabled and last_saved != at_step:
             meta = {"tokens": tokens, "config_hash": config_hash(cfg), "dp_size": rt.dp_size}
-            ckpt.save(at_step, rt.model_parts, optimizers, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg),
-                      engine=engine)
+            ckpt.save(at_step, rt, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg))
             last_saved = at_step
 
+    vote = StopVote()
+    window_loss, window_steps, last = None, 0, None
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.train.steps, cfg.optim)
-            set_lr(optimizers, lr)
-            losses = []
-            for micro in range(accum):
-                loss = rt.forward_backward(next(batches), 1.0 / accum)
-                if loss is not None:
-                    losses.append(float(loss))
-                if noise and micro == 0:
-                    noise.after_first_micro_batch(rt)
-            grad_norm = rt.clip_grad_norm_(cfg.optim.grad_clip)
-            if noise:
-                noise.after_step_gradient(grad_norm)
-            loss = rt.reduce_mean(sum(losses) / len(losses) if losses else None)
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                good = ckpt.find_resumable()
-                raise NonFiniteLoss(f"non-finite loss {loss} (grad_norm {grad_norm}) at step {step + 1}; "
-                                    f"stopped before the optimizer step; last good checkpoint: {good or 'none'}")
-            rt.optimizer_step(optimizers)
+            set_lr(rt.optimizers, lr)
+            try:
+                last = train_step(rt, batches, accum, cfg.optim.grad_clip, noise)
+            except NonFiniteGradient as exc:
+                raise NonFiniteLoss(f"{exc} at step {step + 1}; stopped before the optimizer step; last good "
+                                    f"checkpoint: {ckpt.find_resumable() or 'none'}") from None
             step += 1
             tokens += step_tokens
+            if last.loss is not None:
+                window_loss = last.loss.detach() if window_loss is None else window_loss + last.loss.detach()
+            window_steps += 1
             ckpt.poll()
             if logger:
                 logger.advance()
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
+                # The interval's mean loss, reduced over DP once per interval (the logging sync).
+                loss = float(rt.reduce_mean(None if window_loss is None else window_loss / window_steps))
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(f"non-finite loss {loss} in steps {step - window_steps + 1}-{step}; last "
+                                        f"good checkpoint: {ckpt.find_resumable() or 'none'}")
+                window_loss, window_steps = None, 0
                 now = time.time()
                 tps = (step - last_log_step) * step_tokens / max(now - last_log_time, 1e-9)
                 if logger:
-                    logger.log({"step": step, "tokens": tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                "tokens_per_s": tps, "mfu": mfu(tps, fpt, info.world_size, peak),
-                                **(noise.metrics() if noise else {})})
+                    logger.log({"step": step, "tokens": tokens, "loss": loss, "lr": lr,
+                                "grad_norm": float(last.grad_norm), "tokens_per_s": tps,
+                                "mfu": mfu(tps, fpt, info.world_size, peak), **(noise.metrics() if noise else {})})
                 last_log_step, last_log_time = step, now
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 if val_loader is None:  # built once: shards are indexed and verified once per run
@@ -200,12 +251,13 @@ def train(cfg: Config) -> dict:
                 if logger and eval_loss is not None:
                     logger.log({"step": step, "tokens": tokens, "eval_loss": eval_loss}, prefix="eval")
             out_of_time = cfg.train.max_time_s is not None and time.time() - start_time > cfg.train.max_time_s
-            if any_rank(stop.requested or out_of_time):
+            if vote(stop.requested or out_of_time):
                 save(step)
                 stopped_early = step < cfg.train.steps
                 break
             if step % cfg.checkpoint.every == 0:
                 save(step)
+        vote.close()
         save(step)
         ckpt.wait()
     finally:
@@ -234,12 +286,12 @@ def evaluate(cfg: Config, rt, loader) -> float | None:
     """Mean loss over cfg.train.eval_steps held-out batches (the same batches every time)."""
     if not loader:
         return None
-    losses = []
+    total, count = None, 0
     for i, batch in enumerate(loader):
         if i >= cfg.train.eval_steps:
             break
         loss = rt.eval_loss(batch)
         if loss is not None:
-            losses.append(float(loss))
-    value = rt.reduce_mean(sum(losses) / len(losses) if losses else None)
+            total, count = (loss if total is None else total + loss), count + 1
+    value = float(rt.reduce_mean(None if total is None else total / count))
     return value if math.isfinite(value) else None

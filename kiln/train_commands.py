@@ -46,9 +46,8 @@ PEER_GRACE_S = 5.0  # how long a worker whose collective failed waits for the la
 def _train(args) -> int:
     import torch.distributed as dist
 
+    from kiln.distributed import current, shutdown, signals
     from kiln.errors import KilnError
-    from kiln.distributed import signals
-    from kiln.distributed import current, shutdown
     from kiln.train import train
 
     stop = signals.install_stop_handlers()  # before anything slow: a Ctrl-C during startup is kept

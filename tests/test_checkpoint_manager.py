@@ -82,7 +82,7 @@ def test_async_save_matches_sync_and_resumes(tmp_path):
     cfg = _cfg(tmp_path)
     models = [Transformer(cfg.model), Transformer(cfg.model)]
     for m, mgr in zip(models, (a, b)):
-        mgr.load(mgr.find_resumable(), [m], None, None)
+        mgr.load_weights(mgr.find_resumable(), [m], None)
     for (n, p), (_, q) in zip(models[0].named_parameters(), models[1].named_parameters()):
         assert torch.equal(p, q), n
     # resume the async run from its step-3 checkpoint: same losses as the uninterrupted run

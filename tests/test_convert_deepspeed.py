@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.checkpoint.convert import convert, detect_format
+from kiln.convert.convert import convert, detect_format
 from kiln.checkpoint.kiln_format import KilnCheckpointReader
 from kiln.errors import KilnError
 

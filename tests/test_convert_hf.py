@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from kiln.checkpoint.convert import convert
+from kiln.convert.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
 from kiln.config import Config, ModelConfig
 from kiln.errors import KilnError
@@ -101,7 +101,7 @@ def test_hf_kiln_hf_roundtrip_is_bit_identical(tmp_path, case):
     from kiln.checkpoint.manager import CheckpointManager
 
     fresh = Transformer(dataclasses.replace(reader.cfg.model, attention="math"))
-    CheckpointManager(tmp_path / "imported").load(reader.step_dir, [fresh], None, expect_hash=None)
+    CheckpointManager(tmp_path / "imported").load_weights(reader.step_dir, [fresh], expect_hash=None)
     tokens = torch.randint(0, 512, (2, 16))
     with torch.no_grad():
         assert torch.equal(fresh.eval()(tokens), model(tokens))

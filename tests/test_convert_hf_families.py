@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kiln.checkpoint.convert import convert
+from kiln.convert.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader
 from kiln.errors import KilnError
 from kiln.model.llama import Transformer, rope_cache
@@ -130,7 +130,7 @@ def test_rope_table_matches_transformers_at_long_range(case):
     wrong scaling formula shows up here without running long sequences."""
     cls_name, fields = CASES[case]
     config = getattr(transformers, cls_name)(**TINY, **fields)
-    from kiln.checkpoint.hf import kiln_config_from_hf
+    from kiln.convert.hf import kiln_config_from_hf
 
     m = kiln_config_from_hf(config.to_dict(), "config.json", case).model
     hd = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -17,12 +17,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kiln.checkpoint.convert import convert
+from kiln.convert.convert import convert
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, write_kiln_checkpoint
-from kiln.checkpoint.megatron import rank_dir_name
+from kiln.convert.megatron import rank_dir_name
 from kiln.config import Config, ModelConfig
-from kiln.errors import KilnError
 from kiln.distributed import shutdown
+from kiln.errors import KilnError
 from kiln.model.llama import Transformer
 
 pytest.importorskip("megatron.core")
@@ -353,7 +353,7 @@ def test_megatron_planted_pickle_in_rng_state_never_runs(tmp_path):
     model, cfg = make_model()
     src = _as_megatron_lm(tmp_path, model, cfg)
     path = src / "release/mp_rank_00/model_optim_rng.pt"
-    from kiln.checkpoint.megatron import safe_globals
+    from kiln.convert.megatron import safe_globals
 
     with torch.serialization.safe_globals(safe_globals()):
         blob = torch.load(path, weights_only=True)

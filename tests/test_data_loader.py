@@ -15,8 +15,8 @@ import pytest
 import torch
 import webdataset as wds
 
-from kiln.config import DataConfig
-from kiln.data.loader import build_loader
+from kiln.config import DataConfig, DatasetSource
+from kiln.data.loader import shard_loader
 from kiln.data.prepare import prepare
 from kiln.errors import KilnError
 
@@ -75,7 +75,7 @@ def test_every_sample_once_per_epoch_across_2_ranks_x_2_workers(tmp_path):
     assert len(set(oracle)) == n and n >= 20
     per_rank = []
     for rank in range(2):
-        loader = build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=rank, dp_size=2, vocab_size=257)
+        loader = shard_loader(_cfg(path), split="train", micro_batch=2, dp_rank=rank, dp_size=2, vocab_size=257)
         per_rank.append(_take(loader, n))  # micro_batch 2 x 32-token windows = one 64-token sample per batch
         assert loader.state_dict()["epochs"] == [2] and loader.state_dict()["windows"] == 4 * n
     samples = [tuple(_windows(b).reshape(-1).tolist()) for b in _global(per_rank)]
@@ -94,7 +94,7 @@ def test_shuffle_permutes_shards_then_samples_within_blocks(tmp_path, buf):
     path = _make(tmp_path, "ds")
     oracle = _oracle_samples(path)
     n, per_shard = len(oracle), 5
-    loader = build_loader(_cfg(path, num_workers=0, buf=buf), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+    loader = shard_loader(_cfg(path, num_workers=0, buf=buf), split="train", micro_batch=2, dp_rank=0, dp_size=1,
                           vocab_size=257)
     index = {x: i for i, x in enumerate(oracle)}
     epoch = [index[tuple(_windows(b).reshape(-1).tolist())] for b in _take(loader, n)]
@@ -110,12 +110,12 @@ def test_shuffle_permutes_shards_then_samples_within_blocks(tmp_path, buf):
 def test_global_stream_is_the_same_for_any_dp_size_and_micro_batch(tmp_path):
     a = _make(tmp_path, "a")
     cfg = _cfg(None, num_workers=0, document_mask=True,
-               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+               mixture=[DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)])
     kw = dict(split="train", vocab_size=257)
-    single = _take(build_loader(cfg, micro_batch=2, dp_rank=0, dp_size=1, **kw), 24)
-    three = _global([_take(build_loader(cfg, micro_batch=2, dp_rank=r, dp_size=3, **kw), 8) for r in range(3)])
+    single = _take(shard_loader(cfg, micro_batch=2, dp_rank=0, dp_size=1, **kw), 24)
+    three = _global([_take(shard_loader(cfg, micro_batch=2, dp_rank=r, dp_size=3, **kw), 8) for r in range(3)])
     assert _same(single, three)
-    wide = _take(build_loader(cfg, micro_batch=6, dp_rank=0, dp_size=1, **kw), 8)
+    wide = _take(shard_loader(cfg, micro_batch=6, dp_rank=0, dp_size=1, **kw), 8)
     rows = lambda bs: {k: torch.cat([b[k] for b in bs]) for k in bs[0]}
     assert _same([rows(single)], [rows(wide)])
 
@@ -125,16 +125,16 @@ def test_resume_sees_the_uninterrupted_batches_with_any_worker_count(tmp_path, m
     a = _make(tmp_path, "a")
     cfg = _cfg(a, document_mask=document_mask)
     if mixture:
-        cfg.path, cfg.mixture = None, [{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}]
+        cfg.path, cfg.mixture = None, [DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)]
     kw = dict(split="train", micro_batch=3, dp_rank=1, dp_size=2, vocab_size=257)
-    full = _take(build_loader(cfg, **kw), 40)  # several epochs
+    full = _take(shard_loader(cfg, **kw), 40)  # several epochs
     k = 13
-    first = build_loader(cfg, **kw)
+    first = shard_loader(cfg, **kw)
     _take(first, k)
     state = json.loads(json.dumps(first.state_dict()))
     for workers in (0, 1, 3):
         cfg.num_workers = workers
-        resumed = build_loader(cfg, **kw)
+        resumed = shard_loader(cfg, **kw)
         resumed.load_state_dict(state)
         rest = _take(resumed, 40 - k)
         for i, (x, y) in enumerate(zip(full[k:], rest)):
@@ -146,7 +146,7 @@ def test_resume_sees_the_uninterrupted_batches_with_any_worker_count(tmp_path, m
 
 def test_batches_have_the_contract_shapes_and_target_is_shifted_input(tmp_path):
     path = _make(tmp_path, "ds")
-    batch = _take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=4, dp_rank=0, dp_size=1,
+    batch = _take(shard_loader(_cfg(path, num_workers=0), split="train", micro_batch=4, dp_rank=0, dp_size=1,
                                vocab_size=300), 1)[0]
     assert batch["input"].shape == batch["target"].shape == (4, SEQ)
     assert batch["input"].dtype == batch["target"].dtype == torch.int64
@@ -158,7 +158,7 @@ def test_validation_is_one_unshuffled_pass_with_equal_batches_per_rank(tmp_path)
     oracle = np.concatenate([np.array(s) for s in _oracle_samples(path, "val")])
     per_rank = []
     for rank in range(2):
-        loader = build_loader(_cfg(path, document_mask=True), split="val", micro_batch=2, dp_rank=rank, dp_size=2,
+        loader = shard_loader(_cfg(path, document_mask=True), split="val", micro_batch=2, dp_rank=rank, dp_size=2,
                               vocab_size=257)
         passes = [list(loader), list(loader)]
         assert len(passes[0]) == len(passes[1]) == len(loader) > 0
@@ -179,7 +179,7 @@ def test_doc_ids_split_at_eos_and_at_shuffled_sample_joins(tmp_path):
     seq, batch_size = 40, 3  # 41-token windows straddle the 64-token samples
     cfg = _cfg(path, num_workers=2, document_mask=True)
     cfg.seq_len = seq
-    loader = build_loader(cfg, split="train", micro_batch=batch_size, dp_rank=0, dp_size=1, vocab_size=257)
+    loader = shard_loader(cfg, split="train", micro_batch=batch_size, dp_rank=0, dp_size=1, vocab_size=257)
     batches = _take(loader, 20)
     windows = np.concatenate([torch.cat([b["input"], b["target"][:, -1:]], 1).numpy() for b in batches])
     stream = windows.reshape(-1)
@@ -202,8 +202,8 @@ def test_doc_ids_split_at_eos_and_at_shuffled_sample_joins(tmp_path):
 
 def test_mixture_proportions_match_weights(tmp_path):
     a, b = _make(tmp_path, "a", "abc"), _make(tmp_path, "b", "xyz", seed=3)
-    cfg = _cfg(None, num_workers=0, mixture=[{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}])
-    loader = build_loader(cfg, split="train", micro_batch=16, dp_rank=0, dp_size=1, vocab_size=257)
+    cfg = _cfg(None, num_workers=0, mixture=[DatasetSource(a, 3.0), DatasetSource(b, 1.0)])
+    loader = shard_loader(cfg, split="train", micro_batch=16, dp_rank=0, dp_size=1, vocab_size=257)
     counts = Counter()
     for batch in _take(loader, 200):
         for row in _windows(batch):
@@ -245,14 +245,14 @@ def test_bad_shard_fails_naming_it_or_is_skipped_by_every_rank(tmp_path, damage,
     for rank in range(2):
         if rank in failing_ranks:
             with pytest.raises(KilnError, match=name):
-                build_loader(_cfg(path), dp_rank=rank, **kw)
+                shard_loader(_cfg(path), dp_rank=rank, **kw)
         else:
-            build_loader(_cfg(path), dp_rank=rank, **kw)
+            shard_loader(_cfg(path), dp_rank=rank, **kw)
     per_rank = []
     for rank in range(2):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="kiln.data"):
-            per_rank.append(_take(build_loader(_cfg(path, on_bad_shard="skip"), dp_rank=rank, **kw), len(keep)))
+            per_rank.append(_take(shard_loader(_cfg(path, on_bad_shard="skip"), dp_rank=rank, **kw), len(keep)))
         assert "skipped 1 bad shard" in caplog.text and name in caplog.text
     lost = set(keep[5:10])  # shard 1 holds samples 5..9
     seen = [tuple(_windows(b).reshape(-1).tolist()) for b in _global(per_rank)][: len(keep) - 5]
@@ -262,16 +262,16 @@ def test_bad_shard_fails_naming_it_or_is_skipped_by_every_rank(tmp_path, damage,
 def test_manifest_vocab_larger_than_model_is_refused(tmp_path):
     path = _make(tmp_path, "ds")
     with pytest.raises(KilnError, match="manifest.json.*vocab_size 257 > model.vocab_size=200"):
-        build_loader(_cfg(path), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=200)
+        shard_loader(_cfg(path), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=200)
 
 
 def test_mixture_with_different_tokenizers_is_refused(tmp_path):
     a = _make(tmp_path, "a")
     src = tmp_path / "a.jsonl"
     prepare([str(src)], str(tmp_path / "bpe"), "bpe:300", sample_tokens=L, num_proc=1, val_fraction=0)
-    cfg = _cfg(None, mixture=[{"path": a, "weight": 1}, {"path": str(tmp_path / "bpe"), "weight": 1}])
+    cfg = _cfg(None, mixture=[DatasetSource(a, 1), DatasetSource(str(tmp_path / "bpe"), 1)])
     with pytest.raises(KilnError, match="a mixture needs one tokenizer"):
-        build_loader(cfg, split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=512)
+        shard_loader(cfg, split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=512)
 
 
 def test_too_little_data_gives_clear_errors(tmp_path):
@@ -279,30 +279,30 @@ def test_too_little_data_gives_clear_errors(tmp_path):
     m = json.loads((Path(path) / "manifest.json").read_text())
     samples = m["splits"]["train"]["samples"]
     # More ranks than samples is fine: ranks share one global stream, not the samples.
-    got = [_windows(_take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=r,
+    got = [_windows(_take(shard_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=r,
                                        dp_size=samples + 1, vocab_size=257), 1)[0]) for r in range(samples + 1)]
     assert {tuple(w.reshape(-1, L)[0]) for w in got[:samples]} == set(_oracle_samples(path))
     with pytest.raises(KilnError, match="validation split too small.*dp_size"):
-        build_loader(_cfg(path), split="val", micro_batch=64, dp_rank=0, dp_size=1, vocab_size=257)
+        shard_loader(_cfg(path), split="val", micro_batch=64, dp_rank=0, dp_size=1, vocab_size=257)
     with pytest.raises(KilnError, match="split 'val' has no samples"):
-        build_loader(_cfg(_make(tmp_path, "noval")), split="val", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
+        shard_loader(_cfg(_make(tmp_path, "noval")), split="val", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
     with pytest.raises(KilnError, match="data.path"):
-        build_loader(_cfg(None), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
+        shard_loader(_cfg(None), split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=257)
 
 
 def test_more_workers_than_shards_still_yields_in_order(tmp_path):
     path = _make(tmp_path, "ds", n_docs=8)
     assert len(json.loads((Path(path) / "manifest.json").read_text())["splits"]["train"]["shards"]) < 4
-    ref = _take(build_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+    ref = _take(shard_loader(_cfg(path, num_workers=0), split="train", micro_batch=2, dp_rank=0, dp_size=1,
                              vocab_size=257), 12)
-    got = _take(build_loader(_cfg(path, num_workers=4), split="train", micro_batch=2, dp_rank=0, dp_size=1,
+    got = _take(shard_loader(_cfg(path, num_workers=4), split="train", micro_batch=2, dp_rank=0, dp_size=1,
                              vocab_size=257), 12)
     assert all(torch.equal(x["input"], y["input"]) for x, y in zip(ref, got))
 
 
 def _run_ranks(cfg, dp_size, batches, state=None, micro_batch=2):
     """Each rank of `dp_size` takes `batches` micro-batches, resuming from the old ranks' saved `state`."""
-    loaders = [build_loader(cfg, split="train", micro_batch=micro_batch, dp_rank=r, dp_size=dp_size, vocab_size=257)
+    loaders = [shard_loader(cfg, split="train", micro_batch=micro_batch, dp_rank=r, dp_size=dp_size, vocab_size=257)
                for r in range(dp_size)]
     if state is not None:
         for r, loader in enumerate(loaders):
@@ -325,7 +325,7 @@ def test_dp2_to_dp4_resume_loses_and_repeats_no_window(tmp_path):
     per step exactly the windows of an uninterrupted DP=2 run (and of a DP=1 run, in global order)."""
     a = _make(tmp_path, "a")
     cfg = _cfg(None, num_workers=1, document_mask=True,
-               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+               mixture=[DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)])
     steps, k = 8, 3
     full, _ = _run_ranks(cfg, 2, 2 * steps)
     first, saved = _run_ranks(cfg, 2, 2 * k)
@@ -348,7 +348,7 @@ def test_dp_change_that_would_split_a_micro_batch_is_refused(tmp_path):
     _, saved = _run_ranks(_cfg(path, num_workers=0), 2, 3)  # 6 global batches of 2 windows
     with pytest.raises(KilnError, match="12 windows consumed .*dp_size=4 x micro_batch=2"):
         remap_data_state(saved, 0, 4)
-    loader = build_loader(_cfg(path), split="train", micro_batch=4, dp_rank=0, dp_size=2, vocab_size=257)
+    loader = shard_loader(_cfg(path), split="train", micro_batch=4, dp_rank=0, dp_size=2, vocab_size=257)
     with pytest.raises(KilnError, match="cannot be split over dp_size=2 x micro_batch=4"):
         loader.load_state_dict(loader.remap_state(saved, 0, 2))
     assert remap_data_state(saved, 2, 3)["dp_rank"] == 2

@@ -116,7 +116,7 @@ def test_llama3_presets_match_transformers_counts(preset, expected):
     """The published count, and transformers' own model built (on the meta device) from the
     config.json kiln would export for the preset: same count, same RoPE scaling."""
     transformers = pytest.importorskip("transformers")
-    from kiln.checkpoint.hf import hf_config
+    from kiln.convert.hf import hf_config
 
     cfg = load_config([f"configs/model/{preset}.yaml"], ["data.synthetic=markov"])
     assert count_params(cfg.model) == expected

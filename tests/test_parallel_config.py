@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kiln.distributed import parallel_dims
 from kiln.errors import ConfigError
 from kiln.model.llama import Transformer
-from kiln.distributed import parallel_dims
 from kiln.parallel.pipeline import layers_per_stage, split_stage, stage_indices
 
 from test_parallel_support import make_cfg
@@ -38,11 +38,25 @@ def test_bad_layout_names_the_key(overrides, world, key):
     (["parallel.tp=8"], "parallel.tp"),                                    # 4 heads
     (["parallel.pp=4", "parallel.pp_virtual_stages=2"], "parallel.pp"),     # 4 layers < 8 stages
     (["parallel.engine=deepspeed", "parallel.tp=2"], "parallel.engine"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=0", "parallel.offload_optimizer=true"],
+     "parallel.offload_optimizer"),
+    (["parallel.pp_schedule=looped"], "parallel.pp_schedule"),
+    (["model.attention=flash2"], "model.attention"),
 ])
 def test_config_level_errors(overrides, key):
     with pytest.raises(ConfigError) as err:
         make_cfg(overrides)
     assert key in str(err.value)
+
+
+def test_every_declared_schedule_has_a_torch_class():
+    from torch.distributed import pipelining
+
+    from kiln.config import PP_SCHEDULES
+    from kiln.parallel.pipeline import SCHEDULES
+
+    assert set(SCHEDULES) == set(PP_SCHEDULES)
+    assert all(hasattr(pipelining.schedules, cls) for cls in SCHEDULES.values())
 
 
 def test_good_layout_resolves_dims():

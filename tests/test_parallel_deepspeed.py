@@ -48,22 +48,18 @@ def _deepspeed_run(cfg, rank, world) -> dict:
 
     from kiln.model.llama import Transformer
     from kiln.parallel import setup_parallel
+    from kiln.train import train_step
 
     with torch.device("meta"):
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, world, rank)
-    opts = rt.build_optimizers(lambda m: make_adamw(m, cfg))
-    losses = []
-    for step in range(STEPS + 1):
-        total = sum(float(rt.forward_backward(batch_for(step, micro, rank, cfg), 1.0 / ACCUM))
-                    for micro in range(ACCUM)) / ACCUM
-        losses.append(rt.reduce_mean(total))
-        rt.clip_grad_norm_(CLIP)
-        rt.optimizer_step(opts)
+    rt.build_optimizers(lambda m: make_adamw(m, cfg))
+    batches = (batch_for(step, micro, rank, cfg) for step in range(STEPS + 1) for micro in range(ACCUM))
+    losses = [float(rt.reduce_mean(train_step(rt, batches, ACCUM, CLIP).loss)) for _ in range(STEPS + 1)]
     module = rt.model_parts[0]
     with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=cfg.parallel.zero_stage == 3):
         params = {n: p.detach().clone() for n, p in module.named_parameters()}
-    return {"losses": losses, "params": params, "norm": rt.clip_grad_norm_(CLIP)}
+    return {"losses": losses, "params": params, "norm": float(rt.clip_grad_norm_(CLIP))}
 
 
 def worker(rank: int, world: int, port: int, out_dir: str) -> None:

@@ -9,6 +9,7 @@ summed in time order: the peak of live CPU bytes and the largest single allocati
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
 import tempfile
@@ -17,13 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from kiln.distributed import parallel_dims, pick_device, shutdown
 from kiln.errors import ConfigError
-from kiln.distributed import shutdown
 from kiln.model.llama import Transformer, rope_cache
-from kiln.distributed import parallel_dims
+from kiln.parallel.init import init_mode
 from kiln.parallel.pipeline import split_stage
-from kiln.distributed import pick_device
-from kiln.parallel.runtime import init_mode, setup_parallel
+from kiln.parallel.runtime import setup_parallel
+from kiln.train import train_step
 
 from test_parallel_support import _full, batch_for, make_adamw, make_cfg, spawn
 
@@ -69,13 +70,11 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
             for n, p in part.named_parameters():
                 res["numel"][n] = p.to_local().numel() if hasattr(p, "to_local") else p.numel()
                 res["params"][n] = _full(p.detach()).clone()
-        opts = rt.build_optimizers(lambda m: make_adamw(m, cfg))
-        for _ in range(STEPS):  # the same batch every step: the loss must go down
-            loss = rt.forward_backward(batch_for(0, 0, rt.dp_rank, cfg), 1.0)
-            rt.clip_grad_norm_(1.0)
-            rt.optimizer_step(opts)
-            res["losses"].append(rt.reduce_mean(None if loss is None else float(loss)))
-        del rt, opts
+        rt.build_optimizers(lambda m: make_adamw(m, cfg))
+        same_batch = itertools.repeat(batch_for(0, 0, rt.dp_rank, cfg))  # the loss must go down
+        for _ in range(STEPS):
+            res["losses"].append(float(rt.reduce_mean(train_step(rt, same_batch, 1, 1.0).loss)))
+        del rt
         _, res["full_largest"], res["full_peak"] = _profiled_setup(make_cfg(BASE + overrides + ["parallel.init=full"]),
                                                                   world, rank)
         torch.save(res, Path(out_dir) / f"{name}.rank{rank}.pt")

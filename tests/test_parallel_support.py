@@ -63,10 +63,10 @@ def reference_run(cfg, dp: int) -> dict:
             loss = F.cross_entropy(model(b["input"], b["doc_ids"]).flatten(0, 1), b["target"].flatten())
             (loss / ACCUM).backward()
             total += loss.item() / ACCUM
-        if step == 0:
-            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         out["losses"].append(total)
         out.setdefault("norms", []).append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
+        if step == 0:  # clipped, as kiln's train_step hands them to before_update
+            out["grads"] = {n: p.grad.clone() for n, p in model.named_parameters()}
         opt.step()
         opt.zero_grad()
     out["params"] = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -87,6 +87,7 @@ def layout_worker(rank: int, world: int, port: int, layouts: list, out_dir: str)
 
     from kiln.model.llama import Transformer
     from kiln.parallel import setup_parallel
+    from kiln.train import train_step
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     for name, overrides in layouts:
@@ -94,20 +95,17 @@ def layout_worker(rank: int, world: int, port: int, layouts: list, out_dir: str)
         with torch.device("meta"):
             model = Transformer(cfg.model)
         rt = setup_parallel(cfg, model, world, rank)
-        opts = rt.build_optimizers(lambda m: make_adamw(m, cfg))
-        res = {"losses": [], "dp_size": rt.dp_size}
+        rt.build_optimizers(lambda m: make_adamw(m, cfg))
+        res = {"losses": [], "norms": [], "dp_size": rt.dp_size}
+        batches = (batch_for(step, micro, rt.dp_rank, cfg) for step in range(STEPS + 1) for micro in range(ACCUM))
+
+        def keep_grads():
+            res["grads"] = {n: _full(p.grad).clone() for part in rt.model_parts for n, p in part.named_parameters()}
+
         for step in range(STEPS + 1):
-            losses = []
-            for micro in range(ACCUM):
-                loss = rt.forward_backward(batch_for(step, micro, rt.dp_rank, cfg), 1.0 / ACCUM)
-                losses.append(None if loss is None else float(loss))
-            mean = sum(losses) / ACCUM if rt.is_last_stage else None
-            res["losses"].append(rt.reduce_mean(mean))
-            if step == 0:
-                res["grads"] = {n: _full(p.grad).clone() for part in rt.model_parts
-                                for n, p in part.named_parameters()}
-            res.setdefault("norms", []).append(rt.clip_grad_norm_(CLIP))
-            rt.optimizer_step(opts)
+            result = train_step(rt, batches, ACCUM, CLIP, before_update=keep_grads if step == 0 else None)
+            res["losses"].append(float(rt.reduce_mean(result.loss)))
+            res["norms"].append(float(result.grad_norm))
         res["params"] = {n: _full(p.detach()).clone() for part in rt.model_parts for n, p in part.named_parameters()}
         torch.save(res, Path(out_dir) / f"{name}.rank{rank}.pt")
         dist.barrier()

@@ -118,7 +118,8 @@ class KilnCheckpointReader:
             yield name, self.get(name)
 
 
-def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, step: int = 0) -> Path:
+def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, step: int = 0,
+                          source: str = "kiln convert") -> Path:
     """Write `model_state` (kiln parameter names) as a run dir that `kiln train` can start from
     (`checkpoint.init_from=OUT_DIR`) or resume. Returns the step directory."""
     out = Path(out_dir)
@@ -137,7 +138,7 @@ def write_kiln_checkpoint(model_state: dict, cfg: Config, out_dir: str | Path, s
     (out / "config.yaml").write_text(text)
     sums = collect_sums(step_dir)
     files = {p.name: p.stat().st_size for p in sorted(step_dir.iterdir()) if p.is_file()}
-    meta = {"step": step, "tokens": 0, "config_hash": config_hash(cfg), "source": "kiln convert",
+    meta = {"step": step, "tokens": 0, "config_hash": config_hash(cfg), "source": source,
             "model_only": True, "files": files, "sha256": sums}
     (step_dir / META).write_text(json.dumps(meta, indent=1))
     tmp = ckpts / "latest.tmp"

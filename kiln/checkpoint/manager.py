@@ -25,12 +25,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict,
-    set_optimizer_state_dict)
 
 from kiln.checkpoint.integrity import ChecksummedWriter, collect_sums, sha256_file
 from kiln.checkpoint.safe_load import dcp_load
+from kiln.checkpoint.state import Checkpointable, ModelState
 from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.checkpoint")
@@ -61,22 +59,6 @@ def _all_gather(obj: Any) -> list:
     return out
 
 
-def model_state(model_parts: list) -> dict:
-    """One flat {fqn: tensor} dict over all model parts held by this rank (names are layout-free)."""
-    state = {}
-    for part in model_parts:
-        state.update(get_model_state_dict(part))
-    return state
-
-
-def optim_state(model_parts: list, optimizers: list) -> dict:
-    opts = StateDictOptions(flatten_optimizer_state_dict=True)
-    state = {}
-    for part, opt in zip(model_parts, optimizers):
-        state.update(get_optimizer_state_dict(part, opt, options=opts))
-    return state
-
-
 def drop_tied_duplicates(state: dict) -> dict[str, str]:
     """Remove entries that share storage with an earlier one (tied embeddings: `output.weight` is
     `tok_embeddings.weight`), so a checkpoint stores each tensor once. Returns {dropped: kept}."""
@@ -102,12 +84,6 @@ def restore_tied_duplicates(state: dict, aliases: dict[str, str]) -> None:
         state[name] = state[kept]
 
 
-def load_model_state(model_parts: list, state: dict) -> None:
-    for part in model_parts:
-        keys = set(get_model_state_dict(part).keys())
-        set_model_state_dict(part, {k: v for k, v in state.items() if k in keys})
-
-
 def _rng_state() -> str:
     return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
 
@@ -128,10 +104,10 @@ class CheckpointManager:
         self.rejected: list[str] = []  # why find_resumable skipped each checkpoint it refused
 
     # ---------- saving ----------
-    def save(self, step: int, model_parts: list, optimizers: list, meta: dict, data_state: dict | None,
-             dp_rank: int, config_yaml: str, engine=None) -> None:
+    def save(self, step: int, run: Checkpointable, meta: dict, data_state: dict | None, dp_rank: int,
+             config_yaml: str) -> None:
         """Collective: every rank calls it at the same step. Waits for an earlier async save first.
-        With a DeepSpeed `engine`, its own ZeRO files are written (synchronously) in the same layout."""
+        An engine that keeps its own files (DeepSpeed's ZeRO partitions) writes them synchronously."""
         self.wait()
         final = self.dir / step_dir_name(step)
         tmp = self.dir / (step_dir_name(step) + ".tmp")
@@ -143,16 +119,17 @@ class CheckpointManager:
         meta = dict(meta, step=step, saved_at=time.time(),
                     data_state={str(r["dp_rank"]): r["data"] for r in per_rank if r["data"] is not None},
                     rng=[r["rng"] for r in per_rank])
-        if engine is not None:
-            engine.save_checkpoint(str(self.dir), tag=tmp.name, save_latest=False)
-            meta["engine"] = "deepspeed"
-            _barrier()
-            self._finalize(tmp, final, meta, config_yaml)
-            _barrier()
-            return
-        state = {"model": model_state(model_parts), "optim": optim_state(model_parts, optimizers)}
-        drop_tied_duplicates(state["model"])
+        if run.engine_name != "native":
+            meta["engine"] = run.engine_name
+        state = run.state_dict()
         with self._disk_errors(tmp):
+            run.save_files(tmp)
+            if not state:
+                _barrier()
+                self._finalize(tmp, final, meta, config_yaml)
+                _barrier()
+                return
+            drop_tied_duplicates(state["model"])
             if self.async_save:
                 future = dcp.async_save(state, storage_writer=ChecksummedWriter(str(tmp)))
                 self._pending = (future, tmp, final, meta, config_yaml)
@@ -236,35 +213,44 @@ class CheckpointManager:
         self.rejected: list[str] = []
         return find_resumable(self.dir, part=(_rank(), _world()), agree=_all_ok, rejected=self.rejected)
 
-    def load(self, path: Path, model_parts: list, optimizers: list | None, expect_hash: str | None,
-             engine=None) -> dict:
-        """Collective: restore model (and optimizer) state into this rank's parts; returns meta."""
+    def load(self, path: Path, run: Checkpointable, expect_hash: str | None, with_optimizer: bool = True) -> dict:
+        """Collective: restore a run's state (model, optimizer unless told not to, RNG); returns meta."""
+        meta = self._checked_meta(path, expect_hash)
+        if meta.get("engine", "native") != run.engine_name:
+            raise KilnError(f"checkpoint {path} was saved by the {meta.get('engine', 'native')} engine and this run "
+                            f"uses the {run.engine_name} engine; convert it first: "
+                            f"kiln convert {path} --to kiln --out NEW_DIR")
+        with_optimizer = with_optimizer and not meta.get("model_only")  # imported weights: a fresh optimizer
+        run.load_files(path, with_optimizer)
+        state = run.state_dict(with_optimizer)
+        if state:
+            tied = drop_tied_duplicates(state["model"])  # stored once (older checkpoints hold both copies)
+            dcp_load(state, path)  # no pickle from the checkpoint is run: see kiln.checkpoint.safe_load
+            restore_tied_duplicates(state["model"], tied)
+            run.load_state_dict(state)
+        _restore_rng(meta)
+        return meta
+
+    def load_weights(self, path: Path, model_parts: list, expect_hash: str | None) -> dict:
+        """Weights only into plain model parts (`init_from`, generate): no optimizer, no RNG."""
+        meta = self._checked_meta(path, expect_hash)
+        if meta.get("engine", "native") != "native":
+            raise KilnError(f"checkpoint {path} was saved by the {meta['engine']} engine; convert it first: "
+                            f"kiln convert {path} --to kiln --out NEW_DIR")
+        run = ModelState(model_parts)
+        state = run.state_dict(with_optimizer=False)
+        tied = drop_tied_duplicates(state["model"])
+        dcp_load(state, path)
+        restore_tied_duplicates(state["model"], tied)
+        run.load_state_dict(state)
+        return meta
+
+    @staticmethod
+    def _checked_meta(path: Path, expect_hash: str | None) -> dict:
         meta = check_checkpoint(path, part=None)  # sums: verified by find_resumable / resolve_step_dir
         if expect_hash and meta.get("config_hash") not in (None, expect_hash):
             raise KilnError(f"checkpoint {path} was saved for a different model shape "
                             f"(config hash {meta.get('config_hash')} != {expect_hash}); see its config.yaml")
-        if (meta.get("engine") == "deepspeed") != (engine is not None):
-            raise KilnError(f"checkpoint {path} was saved by the {meta.get('engine', 'native')} engine and this run "
-                            f"uses the {'deepspeed' if engine is not None else 'native'} engine; convert it first: "
-                            f"kiln convert {path} --to kiln --out NEW_DIR")
-        if engine is not None:
-            _load_deepspeed(engine, path, with_optimizer=bool(optimizers))
-            _restore_rng(meta)
-            return meta
-        if meta.get("model_only"):  # imported weights (kiln convert): the optimizer starts fresh
-            optimizers = None
-        state: dict = {"model": model_state(model_parts)}
-        if optimizers:
-            state["optim"] = optim_state(model_parts, optimizers)
-        tied = drop_tied_duplicates(state["model"])  # stored once (older checkpoints hold both copies)
-        dcp_load(state, path)  # no pickle from the checkpoint is run: see kiln.checkpoint.safe_load
-        restore_tied_duplicates(state["model"], tied)
-        load_model_state(model_parts, state["model"])
-        if optimizers:
-            opts = StateDictOptions(flatten_optimizer_state_dict=True)
-            for part, opt in zip(model_parts, optimizers):
-                set_optimizer_state_dict(part, opt, state["optim"], options=opts)
-        _restore_rng(meta)
         return meta
 
 
@@ -272,19 +258,6 @@ def _restore_rng(meta: dict) -> None:
     rng = meta.get("rng") or []
     if rng:
         _set_rng_state(rng[_rank() % len(rng)])
-
-
-def _load_deepspeed(engine, path: Path, with_optimizer: bool) -> None:
-    """DeepSpeed's loader unpickles freely, so every file is first proven to hold only tensors,
-    plain data and DeepSpeed's few own classes (torch's weights-only unpickler)."""
-    from kiln.checkpoint.deepspeed_format import screen
-
-    for f in sorted(Path(path).glob("*.pt")):
-        screen(f)
-    load_path, _ = engine.load_checkpoint(str(Path(path).parent), tag=Path(path).name,
-                                          load_optimizer_states=with_optimizer, load_lr_scheduler_states=False)
-    if load_path is None:
-        raise KilnError(f"checkpoint {path}: DeepSpeed could not load it")
 
 
 _META_TYPES = {"step": int, "tokens": int, "files": dict, "sha256": dict, "config_hash": str,

@@ -129,3 +129,24 @@ def _root_cause(exc: BaseException) -> BaseException:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# -- DeepSpeed's own files (torch.save pickles) -------------------------------------------------
+def _deepspeed_classes() -> list:
+    """The few DeepSpeed classes its checkpoint files legitimately pickle."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def screen_deepspeed_file(path: Path) -> None:
+    """Prove a file holds only tensors, plain data and the allowed DeepSpeed classes, by loading
+    it with torch's weights-only unpickler (memory-mapped: tensors are not read)."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_classes()):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise KilnError(f"{path}: refusing to load DeepSpeed checkpoint file (weights_only check: {first})") from None

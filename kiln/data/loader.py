@@ -172,17 +172,9 @@ def _compact(offsets: np.ndarray):
 
 
 def _dataset_entries(data_cfg) -> list[tuple[str, float]]:
+    """(path, weight) per dataset; kiln.config checked a mixture's paths and weights when it loaded."""
     if data_cfg.mixture:
-        entries = []
-        for i, item in enumerate(data_cfg.mixture):
-            get = item.get if isinstance(item, dict) else (lambda k, d=None, it=item: getattr(it, k, d))
-            path, weight = get("path"), float(get("weight", 1.0))
-            if not path or path == "???":
-                raise KilnError(f"config error: data.mixture.{i}.path: missing")
-            if not weight > 0:
-                raise KilnError(f"config error: data.mixture.{i}.weight: must be positive, got {weight}")
-            entries.append((str(path), weight))
-        return entries
+        return [(str(item.path), float(item.weight)) for item in data_cfg.mixture]
     if not data_cfg.path:
         raise KilnError("config error: data.path: not set (a `kiln data prepare` output directory)")
     return [(str(data_cfg.path), 1.0)]
@@ -468,9 +460,24 @@ def remap_data_state(states: dict, dp_rank: int, dp_size: int, micro_batch: Opti
     return new
 
 
-def build_loader(data_cfg, *, split: str, micro_batch: int, dp_rank: int, dp_size: int,
+def build_loader(cfg, split: str, dp_rank: int, dp_size: int):
+    """The batch stream `kiln train` reads on one DP rank: the Markov oracle source, or prepared shards."""
+    micro = cfg.train.micro_batch
+    if cfg.data.synthetic == "markov":
+        from kiln.data.synthetic import MarkovLoader, MarkovSource
+
+        source = MarkovSource(cfg.data.synthetic_vocab, seed=cfg.data.seed)
+        return MarkovLoader(source, seq_len=cfg.data.seq_len, micro_batch=micro, seed=cfg.data.seed,
+                            dp_rank=dp_rank, dp_size=dp_size, split=split,
+                            max_batches=None if split == "train" else cfg.train.eval_steps)
+    return shard_loader(cfg.data, split=split, micro_batch=micro, dp_rank=dp_rank, dp_size=dp_size,
+                        vocab_size=cfg.model.vocab_size)
+
+
+def shard_loader(data_cfg, *, split: str, micro_batch: int, dp_rank: int, dp_size: int,
                  vocab_size: int) -> TokenLoader:
-    """A loader for one DP rank. Checks manifests (vocab, tokenizer) and the shards first (see the module doc)."""
+    """A loader over prepared shards for one DP rank. Checks manifests (vocab, tokenizer) and the shards first
+    (see the module doc)."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if not 0 <= dp_rank < dp_size:

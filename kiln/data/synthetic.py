@@ -39,6 +39,22 @@ class MarkovSource:
         return out
 
 
+def switching_unigram(batch: int, length: int, vocab: int, segment: int, g: torch.Generator) -> torch.Tensor:
+    """(batch, length) tokens drawn from a peaked unigram distribution that is redrawn at random
+    boundaries about every `segment` tokens: the best prediction weighs recent tokens over older
+    ones, so a model must use distance, which is what length-extrapolation tests need."""
+    out = torch.empty(batch, length, dtype=torch.long)
+    for b in range(batch):
+        t = 0
+        while t < length:
+            n = int(torch.randint(segment // 2, segment * 3 // 2 + 1, (1,), generator=g))
+            weights = (-torch.log(torch.rand(vocab, generator=g))) ** (1 / 0.3)
+            out[b, t:t + n] = torch.multinomial(weights / weights.sum(), min(n, length - t), replacement=True,
+                                                generator=g)
+            t += n
+    return out
+
+
 class MarkovLoader:
     """Batches of Markov sequences. Batch g of the global stream is a pure function of (seed, split, g),
     and DP rank r of n takes g = i*n + r for its i-th batch, so the global batch of a step is the same

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from kiln.config import Config, save_run_config
-from kiln.errors import KilnError
-from kiln.distributed.signals import STOP_SIGNALS, Interrupted, launcher_env
 from kiln.distributed import parallel_dims
+from kiln.distributed.signals import STOP_SIGNALS, Interrupted, launcher_env
+from kiln.errors import KilnError
 
 log = logging.getLogger("kiln.launcher")
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScalingConfig
-from kiln.model.attention import attention, flash_attn_module, resolve_backend
+from kiln.model.attention import (alibi_slopes, attended_fraction, attention, flash_attn_module, pattern_of,
+                                  resolve_backend)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, float]:
@@ -103,6 +104,11 @@ class Attention(nn.Module):
         self.head_dim = cfg.dim_per_head
         self.backend = cfg.attention
         self.window = cfg.attention_window
+        self.pattern = pattern_of(cfg)
+        self.alibi = cfg.position == "alibi"
+        # Tensor parallelism gives each rank a slice of the heads; kiln.parallel sets where it starts,
+        # so each head keeps its own ALiBi slope.
+        self.head_offset = 0
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -116,9 +122,13 @@ class Attention(nn.Module):
         q = self.wq(x).view(bsz, seq, -1, self.head_dim)
         k = self.wk(x).view(bsz, seq, -1, self.head_dim)
         v = self.wv(x).view(bsz, seq, -1, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
-        backend = resolve_backend(self.backend, q.device, q.dtype)
-        out = attention(q, k, v, backend, doc_ids, self.window)
+        slopes = None
+        if self.alibi:
+            slopes = alibi_slopes(self.n_heads)[self.head_offset:self.head_offset + q.shape[2]]
+        else:
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        backend = resolve_backend(self.backend, q.device, q.dtype, sparse=self.pattern is not None)
+        out = attention(q, k, v, backend, doc_ids, self.window, slopes, self.pattern)
         return self.wo(out.reshape(bsz, seq, -1))
 
 
@@ -200,6 +210,8 @@ def count_params(cfg: ModelConfig) -> int:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """PaLM model FLOPs per trained token: 6N + 12 L H Q T (Chowdhery et al. 2022, App. B).
-    N excludes the input embedding table, which is a lookup, not a matmul."""
+    N excludes the input embedding table, which is a lookup, not a matmul. Under a sliding window
+    or a block-sparse pattern the attention term is scaled by the share of causal (query, key)
+    pairs computed (`attended_fraction`)."""
     n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
-    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len
+    return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len * attended_fraction(cfg, seq_len)

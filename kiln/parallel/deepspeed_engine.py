@@ -8,8 +8,10 @@ interface as the native one; differences the train loop should know:
 - DeepSpeed clips inside `engine.step()` (`gradient_clipping` = optim.grad_clip), so
   `clip_grad_norm_` cannot see this step's norm before the step: it returns the norm DeepSpeed
   measured at the previous optimizer step (0.0 before the first).
-- Checkpoints: use `engine.save_checkpoint` / `load_checkpoint` (ZeRO partitions are not DTensors).
-- Initialization is always `full` (see runtime.init_mode): every rank materializes the whole fp32
+- Checkpoints: `save_files` / `load_files` write and read DeepSpeed's own files with
+  `engine.save_checkpoint` / `load_checkpoint` (ZeRO partitions are not DTensors); `state_dict` is
+  empty, so the checkpoint manager writes no DCP files for it. Its files are screened before loading.
+- Initialization is always `full` (see kiln.parallel.init.init_mode): every rank materializes the whole fp32
   model and moves it to its device; ZeRO partitions it only inside `deepspeed.initialize`, so the
   model must fit on one device first (no `deepspeed.zero.Init` path; use the native engine's
   `parallel.init=sharded` for larger models).
@@ -17,25 +19,24 @@ interface as the native one; differences the train loop should know:
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from kiln.config import Config, grad_accum_steps
+from kiln.distributed import parallel_dims, pick_device
 from kiln.errors import KilnError
 from kiln.model.llama import count_params
-from kiln.distributed import parallel_dims
+from kiln.model.loss import cross_entropy
+from kiln.parallel.init import FULL_INIT_MAX_BYTES, materialize
 from kiln.parallel.parallelize import mixed_precision_dtype
-from kiln.distributed import pick_device
-from kiln.parallel.runtime import FULL_INIT_MAX_BYTES, cross_entropy, materialize
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
     p = cfg.parallel
     zero: dict = {"stage": p.zero_stage}
-    if p.offload_optimizer:
-        if p.zero_stage == 0:
-            raise KilnError("parallel.offload_optimizer: needs parallel.zero_stage >= 1")
+    if p.offload_optimizer:  # the config refuses it with zero_stage 0
         zero["offload_optimizer"] = {"device": "cpu"}
     bf16 = mixed_precision_dtype(cfg, device) == torch.bfloat16
     return {
@@ -51,6 +52,10 @@ def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
 
 
 class DeepSpeedRuntime:
+    """kiln.parallel.protocol.Runtime over a DeepSpeed engine (built by build_optimizers)."""
+
+    engine_name = "deepspeed"
+
     def __init__(self, cfg: Config, model: nn.Module, device: torch.device, rank: int, world_size: int):
         self.cfg = cfg
         self.mesh = None
@@ -59,6 +64,7 @@ class DeepSpeedRuntime:
         self.dp_rank, self.dp_size = rank, world_size
         self.is_last_stage = True
         self.engine = None
+        self.optimizers: list = []
 
     def build_optimizers(self, make) -> list:
         import deepspeed
@@ -68,7 +74,8 @@ class DeepSpeedRuntime:
             model=self.model_parts[0], optimizer=optimizer,
             config=deepspeed_config(self.cfg, self.dp_size, self.device))
         self.model_parts = [self.engine.module]
-        return [optimizer]
+        self.optimizers = [optimizer]
+        return self.optimizers
 
     def _engine(self):
         if self.engine is None:
@@ -92,23 +99,52 @@ class DeepSpeedRuntime:
     def eval_loss(self, batch: dict) -> torch.Tensor:
         return self._loss(batch)
 
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         norm = self._engine().get_global_grad_norm()
-        return 0.0 if norm is None else float(norm)
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float64, device=self.device)
 
-    def reduce_mean(self, value: float | None) -> float:
+    def reduce_mean(self, value: torch.Tensor | None) -> torch.Tensor:
         import torch.distributed as dist
 
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(t)
-        return float(t) / self.dp_size
+        t = value.detach().double().reshape(1)
+        if dist.is_initialized():
+            dist.all_reduce(t)
+        return t[0] / self.dp_size
 
-    def optimizer_step(self, optimizers: list) -> None:
+    def all_finite(self, loss: torch.Tensor | None, grad_norm: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed's norm is the previous step's (see the module docstring), so this step's loss decides,
+        averaged over DP so that every rank agrees."""
+        return torch.isfinite(self.reduce_mean(loss)) & torch.isfinite(grad_norm)
+
+    def optimizer_step(self) -> None:
         engine = self._engine()
         if not engine.is_gradient_accumulation_boundary():
             raise KilnError("deepspeed engine: optimizer_step before the last accumulation micro-batch")
         engine.step()
         engine.zero_grad()
+
+    # -- checkpoints: DeepSpeed's own files (see the module docstring) --------------------------
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save_files(self, directory: Path) -> None:
+        self._engine().save_checkpoint(str(directory.parent), tag=directory.name, save_latest=False)
+
+    def load_files(self, directory: Path, with_optimizer: bool) -> None:
+        """DeepSpeed's loader unpickles freely, so every file is first proven to hold only tensors,
+        plain data and DeepSpeed's few own classes (torch's weights-only unpickler)."""
+        from kiln.checkpoint.safe_load import screen_deepspeed_file
+
+        for f in sorted(Path(directory).glob("*.pt")):
+            screen_deepspeed_file(f)
+        load_path, _ = self._engine().load_checkpoint(str(Path(directory).parent), tag=Path(directory).name,
+                                                      load_optimizer_states=with_optimizer,
+                                                      load_lr_scheduler_states=False)
+        if load_path is None:
+            raise KilnError(f"checkpoint {directory}: DeepSpeed could not load it")
 
 
 def setup_deepspeed(cfg: Config, model: nn.Module, world_size: int, rank: int) -> DeepSpeedRuntime:

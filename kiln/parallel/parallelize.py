@@ -73,7 +73,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         parallelize_module(model, tp_mesh, top)
     if model.norm is not None and not sequence_parallel:
         replicate_on_mesh(model.norm, tp_mesh)
+    tp_rank, tp_size = tp_mesh.get_local_rank(), tp_mesh.size()
     for block in model.layers.values():
+        # This rank's query heads start here: ALiBi gives each head its own slope.
+        block.attention.head_offset = tp_rank * (block.attention.n_heads // tp_size)
         plan = {
             # (x, rope, doc_ids): only x is a DTensor-to-be; rope and doc_ids stay replicated tensors.
             "attention": PrepareModuleInput(input_layouts=(seq, None, None),

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+# torch.distributed.pipelining's class for each of kiln.config.PP_SCHEDULES (the config checks the name).
 SCHEDULES = {
     "gpipe": "ScheduleGPipe",
     "1f1b": "Schedule1F1B",

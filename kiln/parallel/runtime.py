@@ -1,117 +1,29 @@
-"""ParallelRuntime: what the train loop sees of parallelism, whatever the layout.
+"""The native runtime: what the train loop sees of parallelism, whatever the layout.
 
-`setup_parallel` builds the mesh, splits pipeline stages, applies `parallelize` and initializes
-the weights in one of two ways (`parallel.init`, see `init_mode`):
-- full: every rank materializes the whole model on CPU with the run's seed, then splits and shards
-  it, so every layout starts from exactly the single-process weights. Costs the full fp32 model in
-  host memory on every rank.
-- sharded: the model stays on the meta device through splitting and sharding; each rank then
-  allocates only its own shards on its device and initializes them (`init_sharded`). Memory is the
-  shard, not the model; the values differ from the single-process init (same distributions).
-The runtime then runs forward+backward of one micro-batch (a whole pipeline schedule under pp),
-clips by the global gradient norm and averages scalars over DP. The DeepSpeed engine provides the
-same interface (kiln.parallel.deepspeed_engine).
+`setup_parallel` builds the mesh, splits pipeline stages, applies `parallelize` and initializes the
+weights (kiln.parallel.init). `ParallelRuntime` then runs forward+backward of one micro-batch (a whole
+pipeline schedule under pp), clips by the global gradient norm, steps its optimizers, averages
+scalars over DP and hands the checkpoint manager its state; it implements kiln.parallel.protocol.Runtime,
+as the DeepSpeed runtime (kiln.parallel.deepspeed_engine) does.
 """
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import math
-import os
-from typing import Callable
+from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
+from kiln.checkpoint.state import ModelState
 from kiln.config import Config
-from kiln.errors import ConfigError
 from kiln.distributed import ParallelDims, parallel_dims, pick_device
+from kiln.model.loss import cross_entropy
+from kiln.parallel.init import init_mode, init_sharded, materialize, on_meta, shard_seed
 from kiln.parallel.mesh import build_mesh, dp_coordinate
 from kiln.parallel.parallelize import data_parallel_mesh, mixed_precision_dtype, parallelize
 from kiln.parallel.pipeline import build_schedule, split_stage, stage_indices
-
-
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy in fp32 (vocab-sharded logits work under `loss_parallel`)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten())
-
-
-def materialize(model: nn.Module, seed: int) -> nn.Module:
-    """Allocate a meta-device model on CPU and initialize it from `seed`: the same weights the
-    single-process run gets, whatever the layout (sharding comes after)."""
-    if any(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        model.to_empty(device="cpu")
-    torch.manual_seed(seed)
-    model.init_weights()
-    return model
-
-
-# `parallel.init: auto` initializes the full model on every rank below this fp32 size (exact
-# single-process weights, at most this much host memory per rank) and shards first above it.
-FULL_INIT_MAX_BYTES = 2 * 2**30
-
-
-def init_mode(cfg: Config) -> str:
-    """`full` or `sharded`, resolving `auto` by the model's fp32 size. DeepSpeed always uses full."""
-    from kiln.model.llama import count_params
-
-    mode = cfg.parallel.init
-    if cfg.parallel.engine == "deepspeed":  # config validation refuses deepspeed + sharded
-        return "full"
-    if mode == "auto":
-        return "full" if 4 * count_params(cfg.model) < FULL_INIT_MAX_BYTES else "sharded"
-    return mode
-
-
-def shard_seed(seed: int, stage: int, mesh) -> int:
-    """The RNG seed for this rank's shards of pipeline stage `stage`: different for every
-    (stage, dp_shard, tp) coordinate, so distinct shards draw independent numbers, and the same
-    across dp_replicate, whose ranks hold copies of one shard. Relies on every randomly
-    initialized parameter being sharded over dp_shard and tp (true for kiln's FSDP and TP plans;
-    the replicated norm weights are constant)."""
-    coord = (mesh["dp_shard"].get_local_rank(), mesh["tp"].get_local_rank()) if mesh is not None else (0, 0)
-    digest = hashlib.sha256(f"kiln-init/{seed}/{stage}/{coord[0]}/{coord[1]}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
-@contextlib.contextmanager
-def local_shards(module: nn.Module):
-    """Temporarily swap every DTensor parameter for a plain parameter over its local shard (same
-    storage), so in-place init writes this rank's shard with this rank's RNG on any device.
-    (DTensor's own random ops coordinate ranks only on CUDA and broadcast rank 0's RNG state.)"""
-    from torch.distributed.tensor import DTensor
-
-    swapped = []
-    for mod in module.modules():
-        for key, p in list(mod._parameters.items()):
-            if isinstance(p, DTensor):
-                mod._parameters[key] = nn.Parameter(p.to_local(), requires_grad=False)
-                swapped.append((mod, key, p))
-    try:
-        yield
-    finally:
-        for mod, key, p in swapped:
-            mod._parameters[key] = p
-
-
-@torch.no_grad()
-def init_sharded(part: nn.Module, device: torch.device, seed: int) -> nn.Module:
-    """Allocate a sharded meta-device model (or stage) on `device` and run its `init_weights` on
-    the local shards only (the RoPE buffer is recomputed there too). The global RNG is left as
-    it was."""
-    part.to_empty(device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), local_shards(part):
-        torch.manual_seed(seed)
-        part.init_weights()
-    return part
-
-
-def _on_meta(model: nn.Module) -> nn.Module:
-    if not all(t.is_meta for t in list(model.parameters()) + list(model.buffers())):
-        model.to_empty(device="meta")
-    return model
 
 
 def _full_value(t: torch.Tensor) -> torch.Tensor:
@@ -122,6 +34,8 @@ def _full_value(t: torch.Tensor) -> torch.Tensor:
 
 class ParallelRuntime:
     """Native PyTorch runtime (DTensor TP/SP, FSDP2/HSDP, torch.distributed.pipelining)."""
+
+    engine_name = "native"
 
     def __init__(self, cfg: Config, model_parts: list[nn.Module], device: torch.device, mesh=None,
                  dims: ParallelDims | None = None, schedule=None, stages: tuple[int, ...] = (0,)):
@@ -143,6 +57,7 @@ class ParallelRuntime:
         self._autocast = dtype if dtype != torch.float32 and data_parallel_mesh(mesh) is None else None
         self._mb_losses: list[torch.Tensor] = []
         self._mb_scale = 1.0
+        self.optimizers: list = []
 
     # -- forward/backward ---------------------------------------------------------------------
     def _context(self):
@@ -205,10 +120,11 @@ class ParallelRuntime:
         return [p for part in self.model_parts for p in part.parameters()]
 
     @torch.no_grad()
-    def clip_grad_norm_(self, max_norm: float) -> float:
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every shard on every rank, then scale grads if it exceeds max_norm
         (max_norm <= 0: measure only). DTensor grads are reduced per (mesh, placements) group;
-        pipeline stages hold disjoint parameters, so their squares add over the pp group."""
+        pipeline stages hold disjoint parameters, so their squares add over the pp group. Stays on
+        the device: the scale is a clamped tensor, as in torch.nn.utils.clip_grad_norm_."""
         from torch.distributed.tensor import DTensor
 
         groups: dict = {}
@@ -222,31 +138,50 @@ class ParallelRuntime:
             squares += norm.double().to(self.device) ** 2
         if self.mesh is not None and self.dims.pp > 1:
             dist.all_reduce(squares, group=self.mesh["pp"].get_group())
-        total = math.sqrt(float(squares))
-        if max_norm > 0 and total > max_norm:
-            coef = max_norm / (total + 1e-6)
+        total = squares.sqrt()
+        if max_norm > 0:
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0).float()
             for grads in groups.values():
                 torch._foreach_mul_(grads, coef)
         return total
 
-    def reduce_mean(self, value: float | None) -> float:
+    def reduce_mean(self, value: Optional[torch.Tensor]) -> torch.Tensor:
         """Average a per-replica scalar over DP; only last-stage ranks contribute (each TP peer
         holds the same value, so the sum is divided by tp as well)."""
         if self.mesh is None:
-            return float(value)
-        own = float(value) if (self.is_last_stage and value is not None) else 0.0
-        t = torch.tensor([own], dtype=torch.float64, device=self.device)
+            return value.detach().double()
+        own = value.detach().double().reshape(1) if (self.is_last_stage and value is not None) else None
+        t = own if own is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return float(t) / (self.dp_size * self.tp)
+        return t[0] / (self.dp_size * self.tp)
 
-    def optimizer_step(self, optimizers: list) -> None:
-        for opt in optimizers:
+    def all_finite(self, loss: Optional[torch.Tensor], grad_norm: torch.Tensor) -> torch.Tensor:
+        """The global gradient norm is the same on every rank (gradients are reduced before it), and a
+        non-finite loss anywhere makes it non-finite: one device op, no collective."""
+        return torch.isfinite(grad_norm)
+
+    def optimizer_step(self) -> None:
+        for opt in self.optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     def build_optimizers(self, make: Callable[[nn.Module], torch.optim.Optimizer]) -> list:
         """One optimizer per model part (pipeline stages on this rank)."""
-        return [make(part) for part in self.model_parts]
+        self.optimizers = [make(part) for part in self.model_parts]
+        return self.optimizers
+
+    # -- checkpoints: DCP state of the parts and their optimizers ------------------------------
+    def state_dict(self, with_optimizer: bool = True) -> dict:
+        return ModelState(self.model_parts, self.optimizers).state_dict(with_optimizer)
+
+    def load_state_dict(self, state: dict) -> None:
+        ModelState(self.model_parts, self.optimizers).load_state_dict(state)
+
+    def save_files(self, directory: Path) -> None:
+        pass
+
+    def load_files(self, directory: Path, with_optimizer: bool) -> None:
+        pass
 
 
 def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) -> ParallelRuntime:
@@ -260,7 +195,7 @@ def setup_parallel(cfg: Config, model: nn.Module, world_size: int, rank: int) ->
     device = pick_device(cfg.train.device, rank)
     sharded = init_mode(cfg) == "sharded"
     if sharded:
-        _on_meta(model)
+        on_meta(model)
     else:
         materialize(model, cfg.train.seed)
     if world_size == 1:

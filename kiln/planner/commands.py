@@ -58,7 +58,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=plan_command)
     _refuse_repeats(p)
 
-    modes = p.add_subparsers(dest="plan_mode", metavar="fit", required=False)
+    modes = p.add_subparsers(dest="plan_mode", metavar="fit|grow", required=False)
     f = modes.add_parser("fit", help="fit L(N,D) = E + A/N^alpha + B/D^beta to your runs",
                          description="Fit the Chinchilla parametric law to final losses (Huber on log L, L-BFGS, "
                                      "grid of starts) with bootstrap intervals. RUNS are run directories "
@@ -71,6 +71,25 @@ def register(subparsers) -> None:
     f.add_argument("--json", action="store_true")
     f.set_defaults(func=fit_command)
     _refuse_repeats(f)
+
+    g = modes.add_parser("grow", help="price a growth schedule (small model, then `kiln grow`) against scratch",
+                         description="Cost of training SMALL for --small-tokens, growing it function-preservingly "
+                                     "into LARGE (kiln grow) and training that for --large-tokens, against training "
+                                     "LARGE from scratch for the sum (or --scratch-tokens). FLOPs are 6N + 12LHQT "
+                                     "per token, as kiln's MFU counts them.")
+    g.add_argument("small", metavar="SMALL.yaml", help="config (or model recipe) of the model trained first")
+    g.add_argument("large", metavar="LARGE.yaml", help="config (or model recipe) of the grown model")
+    g.add_argument("--small-tokens", required=True, metavar="D1", help="tokens for the small model (required)")
+    g.add_argument("--large-tokens", required=True, metavar="D2", help="tokens after growth (required)")
+    g.add_argument("--scratch-tokens", metavar="D", help="tokens for the scratch run (default: D1 + D2)")
+    g.add_argument("--gpu", required=True, metavar="NAME", help="accelerator (required)")
+    g.add_argument("--gpus", required=True, type=_int_or_str, metavar="N", help="GPU count (required)")
+    g.add_argument("--mfu", metavar="U", help="model FLOPs utilisation (default: the published run for this GPU)")
+    g.add_argument("--price-per-gpu-hour", metavar="P", help="USD per GPU-hour (default: the hardware table)")
+    g.add_argument("--seq-len", type=int, default=2048, help="sequence length")
+    g.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
+    g.set_defaults(func=grow_plan_command)
+    _refuse_repeats(g)
 
     e = subparsers.add_parser("estimate", help="per-GPU memory and cost of an existing config",
                               description="Estimate per-GPU memory (and time/cost) of a config on N GPUs; "
@@ -349,6 +368,34 @@ def fit_command(args) -> int:
         print(f"WARNING: the runs do not identify the law: {problem}; add runs spread over more model "
               f"sizes and token counts (see docs/planning.md, IsoFLOP recipe)")
     print(f"wrote {args.out} (use: kiln plan --law {args.out} ...) and {plot_path}")
+    return 0
+
+
+# ---------------------------------------------------------------- grow
+def grow_plan_command(args) -> int:
+    _check_repeats(args)
+    from kiln.planner.growth import load_model_config, price_growth
+    from kiln.planner.plan import BOUNDS, parse_number
+
+    tokens = {k: parse_number("tokens", getattr(args, k)) for k in ("small_tokens", "large_tokens", "scratch_tokens")}
+    lo, hi = BOUNDS["seq_len"]
+    if not lo <= args.seq_len <= hi:
+        raise KilnError(f"--seq-len: {args.seq_len} is outside [{lo:g}, {hi:g}]")
+    r = price_growth(load_model_config(args.small), load_model_config(args.large), tokens["small_tokens"],
+                     tokens["large_tokens"], args.seq_len, args.gpu, _gpus(args.gpus),
+                     mfu=parse_number("mfu", args.mfu), price=parse_number("price_per_gpu_hour", args.price_per_gpu_hour),
+                     scratch_tokens=tokens["scratch_tokens"])
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"growth schedule on {r['gpus']} x {r['gpu']} at MFU {r['mfu']:.1%}, seq {r['seq_len']}:")
+    print(f"  {'phase':<9}{'params':>10}{'tokens':>10}{'FLOPs':>11}{'GPU-hours':>12}{'days':>12}{'USD':>12}")
+    for p in r["phases"] + [dict(r["schedule"], phase="schedule", params=None), r["scratch"]]:
+        params = _si(p["params"]) if p.get("params") else ""
+        print(f"  {p['phase']:<9}{params:>10}{_si(p['tokens']):>10}{p['flops']:>11.3g}{_amount(p['gpu_hours']):>12}"
+              f"{_amount(p['wall_days']):>12}{_amount(p['cost_usd']):>12}")
+    print(f"growth saves {r['saving_fraction']:.1%} of the scratch run's FLOPs (same tokens; whether it reaches the same "
+          f"loss is for your runs to show)")
     return 0
 
 

@@ -119,7 +119,7 @@ def measure(cfg: Config, gpus: int) -> dict:
             tracker.track_external(*rt.model_parts, *optimizers)
             with tracker:
                 rt.forward_backward(batch, 1.0 / accum)
-                rt.optimizer_step(optimizers)
+                rt.optimizer_step()
             peak = tracker.get_tracker_snapshot("peak")
     finally:
         for k, v in env.items():

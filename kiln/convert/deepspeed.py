@@ -15,8 +15,9 @@ from typing import Optional
 
 import torch
 
-from kiln.checkpoint.layout import check_shape, kiln_shapes
+from kiln.convert.names import check_shape, kiln_shapes
 from kiln.config import Config, from_yaml_text
+from kiln.checkpoint.safe_load import screen_deepspeed_file
 from kiln.errors import KilnError
 
 _STATES_GLOB = "*model_states.pt"
@@ -43,26 +44,6 @@ def is_deepspeed_dir(path: Path) -> bool:
     return _tag_dir(Path(path)) is not None
 
 
-def _deepspeed_classes() -> list:
-    """The few DeepSpeed classes its checkpoint files legitimately pickle."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def screen(path: Path) -> None:
-    """Prove a file holds only tensors, plain data and the allowed DeepSpeed classes, by loading
-    it with torch's weights-only unpickler (memory-mapped: tensors are not read)."""
-    try:
-        with torch.serialization.safe_globals(_deepspeed_classes()):
-            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise KilnError(f"{path}: refusing to load DeepSpeed checkpoint file (weights_only check: {first})") from None
-
-
 class DeepSpeedSource:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -73,7 +54,7 @@ class DeepSpeedSource:
         tag_dir = ckpt_dir / tag
         self.cfg = self._find_config(ckpt_dir, tag_dir)
         for f in sorted(tag_dir.glob("*.pt")):
-            screen(f)
+            screen_deepspeed_file(f)
         with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints progress; keep --json clean
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

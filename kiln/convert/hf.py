@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved,
+from kiln.convert.names import (validate_model, Source, cast, check_shape, half_to_interleaved,
                                     interleaved_to_half, iter_checked, kiln_shapes)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.data.tokenizer import RUN_IDENTITY
@@ -256,7 +256,7 @@ def parse_size(text: str | int) -> int:
     return int(float(match.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12}[unit])
 
 
-class ShardWriter:
+class SafetensorsShardWriter:
     """Fill safetensors shards up to a byte budget; name them model-XXXXX-of-YYYYY at the end."""
 
     def __init__(self, out_dir: Path, max_bytes: int):
@@ -394,7 +394,7 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
     cfg, m = source.cfg, source.cfg.model
     family = hf_family(m)  # refuse before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = ShardWriter(out_dir, parse_size(max_shard_size))
+    writer = SafetensorsShardWriter(out_dir, parse_size(max_shard_size))
     out_dtype = None
     for name, t in iter_checked(source, "kiln checkpoint"):
         if name == "output.weight" and m.tie_embeddings:

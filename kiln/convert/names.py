@@ -61,13 +61,6 @@ def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
 
-def layer_names(i: int) -> list[str]:
-    p = f"layers.{i}."
-    return [p + s for s in ("attention_norm.weight", "attention.wq.weight", "attention.wk.weight",
-                            "attention.wv.weight", "attention.wo.weight", "ffn_norm.weight",
-                            "feed_forward.w1.weight", "feed_forward.w3.weight", "feed_forward.w2.weight")]
-
-
 def iter_checked(source: Source, origin: str) -> Iterator[tuple[str, torch.Tensor]]:
     """All of the model's tensors from `source`, in state-dict order, shape-checked."""
     for name, shape in kiln_shapes(source.cfg.model).items():

@@ -19,8 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from kiln.checkpoint.layout import Source, cast, check_shape, kiln_shapes
-from kiln.checkpoint.megatron import (DIST_METADATA, META_KEY, SIDECAR, TRACKER, _checkpoint_dir, _config_from_meta,
+from kiln.convert.names import Source, cast, check_shape, kiln_shapes
+from kiln.convert.megatron import (DIST_METADATA, META_KEY, SIDECAR, TRACKER, _checkpoint_dir, _config_from_meta,
                                       _fused_qkv, _load, _meta_from_args, _pad_rows, check_writable, megatron_meta,
                                       split_qkv)
 from kiln.errors import KilnError
@@ -189,6 +189,6 @@ class MegatronDistSource:
 
 def open_megatron(path: Path) -> Source:
     """The right reader for a Megatron directory: torch_dist or the legacy per-rank files."""
-    from kiln.checkpoint.megatron import MegatronSource
+    from kiln.convert.megatron import MegatronSource
 
     return MegatronDistSource(path) if is_torch_dist(_checkpoint_dir(Path(path))) else MegatronSource(path)

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 
-from kiln.checkpoint.layout import (validate_model, Source, cast, check_shape, half_to_interleaved,
+from kiln.convert.names import (validate_model, Source, cast, check_shape, half_to_interleaved,
                                     interleaved_to_half, kiln_shapes)
 from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
 from kiln.errors import KilnError
@@ -418,7 +418,6 @@ class MegatronSource:
             return self._qkv_cache[1]
         m = self.cfg.model
         stage, j = self._stage_of[i]
-        groups, hd = m.kv_heads, m.dim_per_head
         key = f"decoder.layers.{j}.self_attention.linear_qkv.weight"
         qkv = self._cat(stage, key, 0)
         self._qkv_cache = (i, split_qkv(qkv, m, key, self.meta, str(self.path)))

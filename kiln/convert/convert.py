@@ -12,10 +12,9 @@ from typing import Optional
 import torch
 
 from kiln.checkpoint.kiln_format import KilnCheckpointReader, is_kiln_checkpoint, write_kiln_checkpoint
-from kiln.checkpoint.layout import Source, cast, iter_checked
+from kiln.convert.names import Source, cast, iter_checked
 from kiln.errors import KilnError
 
-FORMATS = ("kiln", "hf", "megatron", "deepspeed")
 TARGETS = ("kiln", "hf", "megatron")
 
 __all__ = ["convert", "detect_format", "open_source", "write_kiln", "write_kiln_checkpoint"]
@@ -23,7 +22,7 @@ __all__ = ["convert", "detect_format", "open_source", "write_kiln", "write_kiln_
 
 def detect_format(src: Path) -> str:
     """Which checkpoint format lives at `src` (a directory)."""
-    from kiln.checkpoint import deepspeed_format, hf, megatron
+    from kiln.convert import deepspeed, hf, megatron
 
     src = Path(src)
     if not src.exists():
@@ -34,7 +33,7 @@ def detect_format(src: Path) -> str:
         return "hf"
     if megatron.is_megatron_dir(src):
         return "megatron"
-    if deepspeed_format.is_deepspeed_dir(src):
+    if deepspeed.is_deepspeed_dir(src):
         return "deepspeed"
     if is_kiln_checkpoint(src):
         return "kiln"
@@ -45,17 +44,17 @@ def detect_format(src: Path) -> str:
 
 
 def open_source(src: Path, fmt: Optional[str] = None) -> Source:
-    from kiln.checkpoint import deepspeed_format, hf, megatron
+    from kiln.convert import deepspeed, hf, megatron
 
     fmt = fmt or detect_format(src)
     if fmt == "hf":
         return hf.HFSource(src)
     if fmt == "megatron":
-        from kiln.checkpoint.megatron_dist import open_megatron
+        from kiln.convert.megatron_dist import open_megatron
 
         return open_megatron(src)
     if fmt == "deepspeed":
-        return deepspeed_format.DeepSpeedSource(src)
+        return deepspeed.DeepSpeedSource(src)
     return KilnCheckpointReader(src)
 
 
@@ -68,7 +67,7 @@ def write_kiln(source: Source, out: Path, dtype: Optional[str] = None) -> Path:
         else:
             state[name] = cast(t, dtype).clone()
     step_dir = write_kiln_checkpoint(state, source.cfg, out)
-    from kiln.checkpoint import hf
+    from kiln.convert import hf
 
     if isinstance(source, hf.HFSource):
         hf.save_extras(source, out)
@@ -79,7 +78,7 @@ def _count_reads(source: Source):
     """A progress bar (tensors read, rate, ETA) on a terminal: a 70B conversion takes minutes."""
     from tqdm import tqdm
 
-    from kiln.checkpoint.layout import kiln_shapes
+    from kiln.convert.names import kiln_shapes
 
     bar = tqdm(total=len(kiln_shapes(source.cfg.model)), unit="tensor", desc="convert", disable=None)
     get = source.get
@@ -99,11 +98,23 @@ def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
+def refuse_unexportable(m, to: str) -> None:
+    """Model variants that Hugging Face Llama and Megatron-Core GPT cannot express: converting them
+    would write weights whose logits differ silently, so refuse with the key to blame."""
+    target = "Hugging Face Llama" if to == "hf" else "Megatron-Core GPT"
+    if m.position != "rope":
+        raise KilnError(f"--to {to}: model.position={m.position} has no {target} equivalent (it uses RoPE); "
+                        f"keep this checkpoint in kiln's format")
+    if m.attention_pattern is not None and m.attention_pattern.kind != "dense":
+        raise KilnError(f"--to {to}: model.attention_pattern.kind={m.attention_pattern.kind} has no {target} "
+                        f"equivalent (dense causal attention); keep this checkpoint in kiln's format")
+
+
 def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int = 1, fmt: Optional[str] = None,
             max_shard_size: str | int = "5GB", dtype: Optional[str] = None, vocab_multiple: int = 128,
             megatron_format: str = "torch") -> dict:
     """Convert `src` to format `to` under `out`; returns a summary (source format, files)."""
-    from kiln.checkpoint import hf, megatron
+    from kiln.convert import hf, megatron
 
     if to not in TARGETS:
         raise KilnError(f"--to {to!r} is not one of {', '.join(TARGETS)}")
@@ -114,12 +125,14 @@ def convert(src: str | Path, to: str, out: str | Path, *, tp: int = 1, pp: int =
     if to != "megatron" and (tp, pp) != (1, 1):
         raise KilnError("--tp/--pp select a Megatron layout; they need --to megatron")
     source = open_source(src, fmt)
+    if to != "kiln":
+        refuse_unexportable(source.cfg.model, to)
     _prepare_out(out)
     bar = _count_reads(source)
     if to == "hf":
         files = hf.write_hf(source, out, max_shard_size=max_shard_size, dtype=dtype)
     elif to == "megatron" and megatron_format == "torch_dist":
-        from kiln.checkpoint.megatron_dist import write_megatron_dist
+        from kiln.convert.megatron_dist import write_megatron_dist
 
         files = write_megatron_dist(source, out, tp=tp, pp=pp, dtype=dtype, vocab_multiple=vocab_multiple)
     elif to == "megatron":
