@@ -512,7 +512,7 @@ def run_all(args) -> list[dict]:
         started = time.monotonic()
         if timeout_s < (part.min_s if not args.cpu else 1):
             result = {"status": "skipped", "detail": f"out of budget ({max(left, 0):.0f}s left, needs {part.min_s}s)"}
-        elif args.cpu:
+        elif args.cpu and not args.isolate:
             result = _in_process(part.name, args, timeout_s)
         else:
             result = _in_subprocess(part.name, args, timeout_s)
@@ -564,6 +564,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attention-tol", type=float, default=2e-2, help="max relative error vs fp32 math")
     ap.add_argument("--peak-tflops", type=float, default=None, help="bf16 peak when kiln's table lacks the GPU")
     ap.add_argument("--flash-note", default="", help="why flash-attn is missing (set by gpu_check.sh)")
+    ap.add_argument("--isolate", action="store_true", help="a process per part in --cpu mode too (as on the GPU)")
     ap.add_argument("--part", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--part-result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

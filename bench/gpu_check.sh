@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh --cpu                                                        # CPU smoke mode
 #
 # Installs only what it can get quickly and never lets pip touch torch: flash-attn from a prebuilt
-# wheel (a local wheelhouse in $KILN_WHEELS first, then the index, binary only, with a timeout); it is
+# wheel (from the index or a local wheelhouse in $KILN_WHEELS, binary only, with a timeout); it is
 # never built from source (that takes far longer than the budget). Without it the flash rows are
 # skipped and the table says why. The whole check, install included, stays within --budget
 # (default 480 s); each part has its own timeout inside what is left.
@@ -34,17 +34,13 @@ fi
 note=""
 if [ "$cpu" = 0 ] && ! "$PY" -c "import flash_attn, flash_attn_2_cuda" >/dev/null 2>&1; then
   install_s=$(( budget / 8 ))  # at most an eighth of the budget for the install
-  if [ -n "${KILN_WHEELS:-}" ]; then
-    timeout "$install_s" "$PY" -m pip install --quiet --no-deps --no-index --find-links "$KILN_WHEELS" flash-attn einops \
-      >/dev/null 2>&1 || true
-  fi
-  if ! "$PY" -c "import flash_attn, flash_attn_2_cuda" >/dev/null 2>&1; then
-    timeout "$install_s" "$PY" -m pip install --quiet --no-deps --only-binary=:all: flash-attn einops \
-      >/dev/null 2>&1 || true
-  fi
+  links=()
+  [ -n "${KILN_WHEELS:-}" ] && links=(--find-links "$KILN_WHEELS")
+  timeout "$install_s" "$PY" -m pip install --quiet --no-deps --only-binary=:all: ${links[@]+"${links[@]}"} flash-attn einops \
+    >/dev/null 2>&1 || true
   if ! "$PY" -c "import flash_attn, flash_attn_2_cuda" >/dev/null 2>&1; then
     note="no flash-attn wheel installed within ${install_s}s for this torch/CUDA/Python (KILN_WHEELS=${KILN_WHEELS:-unset}); not built from source"
   fi
 fi
 left=$(( budget - ($(date +%s) - start) ))
-exec "$PY" bench/gpu_check.py --budget "$left" ${note:+--flash-note "$note"} "${args[@]}"
+exec "$PY" bench/gpu_check.py --budget "$left" ${note:+--flash-note "$note"} ${args[@]+"${args[@]}"}

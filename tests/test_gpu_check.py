@@ -57,3 +57,13 @@ def test_unknown_part_is_one_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu", "--only", "tput-sdpa",
                            "--out", str(tmp_path)], capture_output=True, text=True)
     assert proc.returncode == 2 and "unknown part 'tput-sdpa'" in proc.stderr
+
+
+def test_a_part_past_its_timeout_is_killed_and_recorded(tmp_path):
+    """The budget holds: the part's process group is killed at the timeout and the row says so."""
+    gpu_check = load_gpu_check()
+    code = gpu_check.main(["--cpu", "--isolate", "--out", str(tmp_path), "--budget", "3", "--reserve", "1",
+                           "--only", "deepspeed"])
+    (row,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert code == 1 and row["status"] == "timeout" and row["seconds"] < 4, row
+    assert "| deepspeed | timeout |" in (tmp_path / "table.md").read_text()
