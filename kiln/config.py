@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -199,7 +199,8 @@ class ParallelConfig:
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
     pp_virtual_stages: int = ranged(1, 1, 4096)  # stages per rank (interleaved schedules need > 1)
     activation_checkpoint: str = one_of("none", "selective", "full")
-    compile: bool = False
+    # auto: per-block torch.compile on CUDA, eager on CPU (see kiln.parallel.parallelize.compile_enabled)
+    compile: Union[bool, str] = field(default="auto", metadata={"check": Check(choices=("auto", True, False))})
     reshard_after_forward: bool = True
     mixed_precision: str = one_of("auto", "bf16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: int = ranged(1, 0, 3)  # deepspeed engine only
