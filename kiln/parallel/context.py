@@ -76,11 +76,25 @@ def _relation(q_chunk: int, k_chunk: int) -> Optional[bool]:
     return k_chunk == q_chunk
 
 
-def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+# Score elements one block tile may hold (128 MiB in fp32): a block of (s/2cp)^2 scores per head
+# is computed in tiles of query rows, so memory stays bounded at any context length.
+TILE_ELEMENTS = 2 ** 25
+
+
+def _row_tiles(q: torch.Tensor, keys: int):
+    """Query-row ranges whose (batch, heads, rows, keys) scores fit in TILE_ELEMENTS."""
+    rows = q.shape[2]
+    step = max(1, min(rows, TILE_ELEMENTS // max(1, q.shape[0] * q.shape[1] * keys)))
+    return [(r, min(rows, r + step)) for r in range(0, rows, step)]
+
+
+def _scores(q, k, causal: bool, scale: float, row0: int) -> torch.Tensor:
+    """Scaled scores of query rows row0.. of a block against its keys; causal: key j <= row i."""
     s = (q @ k.transpose(-2, -1)) * scale
     if causal:
-        n = s.shape[-1]
-        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+        rows = torch.arange(row0, row0 + q.shape[2], device=s.device)
+        cols = torch.arange(k.shape[2], device=s.device)
+        s = s.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
     return s
 
 
@@ -92,6 +106,31 @@ def _expand(t: torch.Tensor, rep: int) -> torch.Tensor:
 def _fold(t: torch.Tensor, rep: int) -> torch.Tensor:
     """The gradient of `_expand`: sum over the query heads that share a kv head."""
     return t if rep == 1 else t.unflatten(1, (-1, rep)).sum(2)
+
+
+def _block_forward(q, k, v, causal: bool, scale: float):
+    """Attention of query block q against one key/value block: (out, log-sum-exp), tile by tile."""
+    outs, lses = [], []
+    for r0, r1 in _row_tiles(q, k.shape[2]):
+        s = _scores(q[:, :, r0:r1], k, causal, scale, r0)
+        lse = torch.logsumexp(s, dim=-1)
+        outs.append(torch.exp(s - lse[..., None]) @ v)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _block_backward(q, k, v, dout, lse, delta, causal: bool, scale: float):
+    """Gradients (dq, dk, dv) of one block, given the merged log-sum-exp and rowsum(dO * O) of the
+    whole row: the probabilities are recomputed exactly as the merged softmax saw them."""
+    dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for r0, r1 in _row_tiles(q, k.shape[2]):
+        qt, dot = q[:, :, r0:r1], dout[:, :, r0:r1]
+        p = torch.exp(_scores(qt, k, causal, scale, r0) - lse[:, :, r0:r1, None])
+        dv += p.transpose(-2, -1) @ dot
+        ds = p * (dot @ v.transpose(-2, -1) - delta[:, :, r0:r1, None])
+        dq[:, :, r0:r1] = (ds @ k) * scale
+        dk += (ds.transpose(-2, -1) @ qt) * scale
+    return dq, dk, dv
 
 
 class _RingAttention(torch.autograd.Function):
@@ -114,9 +153,8 @@ class _RingAttention(torch.autograd.Function):
                     causal = _relation(qc, kc)
                     if causal is None:
                         continue
-                    s = _scores(q_halves[a], _expand(k_halves[b], rep), causal, scale)
-                    lse = torch.logsumexp(s, dim=-1)
-                    out = torch.exp(s - lse[..., None]) @ _expand(v_halves[b], rep)
+                    out, lse = _block_forward(q_halves[a], _expand(k_halves[b], rep), _expand(v_halves[b], rep),
+                                              causal, scale)
                     merged = torch.logaddexp(lses[a], lse)  # online softmax: rescale both to the merged total
                     outs[a] = outs[a] * torch.exp(lses[a] - merged)[..., None] + out * torch.exp(lse - merged)[..., None]
                     lses[a] = merged
@@ -148,13 +186,13 @@ class _RingAttention(torch.autograd.Function):
                     causal = _relation(qc, kc)
                     if causal is None:
                         continue
-                    kb, vb = _expand(kv[0, :, :, b * c:(b + 1) * c], rep), _expand(kv[1, :, :, b * c:(b + 1) * c], rep)
-                    p = torch.exp(_scores(q_h[a], kb, causal, scale) - lse_h[a][..., None])
-                    dv = p.transpose(-2, -1) @ do_h[a]
-                    ds = p * (do_h[a] @ vb.transpose(-2, -1) - delta_h[a][..., None])
-                    dq[a] += (ds @ kb) * scale
-                    dkv[0, :, :, b * c:(b + 1) * c] += _fold(ds.transpose(-2, -1) @ q_h[a], rep) * scale
-                    dkv[1, :, :, b * c:(b + 1) * c] += _fold(dv, rep)
+                    keys = slice(b * c, (b + 1) * c)
+                    dq_blk, dk, dv = _block_backward(q_h[a], _expand(kv[0, :, :, keys], rep),
+                                                     _expand(kv[1, :, :, keys], rep), do_h[a], lse_h[a],
+                                                     delta_h[a], causal, scale)
+                    dq[a] += dq_blk
+                    dkv[0, :, :, keys] += _fold(dk, rep)
+                    dkv[1, :, :, keys] += _fold(dv, rep)
             if pending is not None:
                 kv = pending.wait()
             # The accumulators follow their k/v block; after the last step they hop home.

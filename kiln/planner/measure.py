@@ -84,6 +84,9 @@ def measure(cfg: Config, gpus: int) -> dict:
     if world["tp"] > 1 and world["dp_shard"] * world["dp_replicate"] > 1:
         raise KilnError("--measure: TP combined with FSDP is not measured yet (FSDP's sharding of TP's DTensors "
                         "needs tensor values under fake tensors); measure tp or dp_shard alone")
+    if cfg.parallel.cp > 1:
+        raise KilnError("--measure: context parallelism (parallel.cp > 1) is not measured yet (its ring sends "
+                        "and receives between ranks that a fake world does not have); use the formula")
     if cfg.parallel.pp > 1:
         raise KilnError("--measure: pipeline layouts (parallel.pp > 1) are not measured yet (the pipeline "
                         "schedule reads tensor values, which fake tensors do not have); use the formula")
