@@ -626,7 +626,7 @@ def _validate_layout(cfg: Config) -> None:
 
 def _validate_context_parallel(cfg: Config) -> None:
     """What the ring attention (kiln.parallel.context) needs: 2*cp equal chunks of the sequence,
-    a plain causal mask with RoPE, and the native engine without a pipeline."""
+    a plain causal mask with RoPE, the native engine, and no selective recomputation."""
     p, m, cp = cfg.parallel, cfg.model, cfg.parallel.cp
     seq = cfg.data.seq_len
     _check(seq % (2 * cp) == 0, "data.seq_len",
@@ -634,7 +634,8 @@ def _validate_context_parallel(cfg: Config) -> None:
     if p.sequence_parallel and p.tp > 1:
         _check((seq // cp) % p.tp == 0, "data.seq_len",
                f"{seq}/cp={seq // cp} is not divisible by tp={p.tp} (sequence parallel shards each cp rank's tokens)")
-    _check(p.pp == 1, "parallel.cp", "context parallelism with pipeline parallelism (pp > 1) is not supported")
+    _check(p.activation_checkpoint != "selective", "parallel.activation_checkpoint",
+           "selective recomputation cannot replay the ring's send/receive with parallel.cp > 1; use full or none")
     _check(not cfg.data.document_mask, "data.document_mask",
            "document masks are not supported with parallel.cp > 1 (the ring computes a plain causal mask)")
     _check(m.position == "rope", "model.position", "alibi is not supported with parallel.cp > 1; use rope")
