@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -200,7 +200,8 @@ class ParallelConfig:
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
     pp_virtual_stages: int = ranged(1, 1, 4096)  # stages per rank (interleaved schedules need > 1)
     activation_checkpoint: str = one_of("none", "selective", "full")
-    compile: bool = False
+    # auto: per-block torch.compile on CUDA, eager on CPU (see kiln.parallel.parallelize.compile_enabled)
+    compile: Union[bool, str] = field(default="auto", metadata={"check": Check(choices=("auto", True, False))})
     reshard_after_forward: bool = True
     mixed_precision: str = one_of("auto", "bf16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: int = ranged(1, 0, 3)  # deepspeed engine only
@@ -550,6 +551,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
     _validate_trackers(cfg)
+    _validate_cluster(cfg)
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -643,6 +645,35 @@ def _validate_context_parallel(cfg: Config) -> None:
            "sliding windows are not supported with parallel.cp > 1")
     _check(m.attention_pattern is None or m.attention_pattern.kind == "dense", "model.attention_pattern",
            "block-sparse attention is not supported with parallel.cp > 1")
+
+
+# What a cluster field may hold: each is written on an `#SBATCH` line (sbatch splits those itself;
+# no shell, but no spaces either).
+SBATCH_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+SBATCH_FIELDS = {
+    "partition": (r"[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*", "partition"),
+    "account": (SBATCH_NAME, "account"),
+    "qos": (SBATCH_NAME, "QOS"),
+    "constraint": (r"[A-Za-z0-9._,&|()\[\]*!:+-]+", "constraint"),
+    "time": (r"\d+(:\d+){1,2}|\d+-\d+(:\d+){0,2}", "time limit (HH:MM:SS, MM:SS or D-HH[:MM[:SS]])"),
+}
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _validate_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    if c.time is not None and str(c.time).isdigit():
+        # YAML reads an unquoted 12:00:00 as the integer 43200 (base 60); refuse to guess the unit.
+        raise ConfigError("cluster.time", f"{c.time!r} is a bare number: write a quoted string such as "
+                                          "'12:00:00' or '2-00:00:00' (YAML turns unquoted 12:00:00 into 43200)")
+    for key, (pattern, what) in SBATCH_FIELDS.items():
+        value = getattr(c, key)
+        if value not in (None, ""):
+            _check(re.fullmatch(pattern, str(value)) is not None, f"cluster.{key}",
+                   f"{str(value)!r} is not a valid {what} (it would be written on an #SBATCH line)")
+    for key in c.env or {}:
+        _check(re.fullmatch(ENV_NAME, str(key)) is not None, f"cluster.env.{key}",
+               "is not a valid environment variable name")
 
 
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:

@@ -21,13 +21,22 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
         apply_context_parallel(model, mesh["cp"])
     if p.activation_checkpoint != "none":
         apply_activation_checkpointing(model, p.activation_checkpoint)
-    if p.compile:
+    if compile_enabled(p.compile, device):
         for block in model.layers.values():
             block.compile()
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
         apply_fsdp(model, dp_mesh, p.reshard_after_forward, mixed_precision_dtype(cfg, device))
     return model
+
+
+def compile_enabled(mode: bool | str, device: torch.device) -> bool:
+    """`parallel.compile`: true/false as given; `auto` compiles each block on CUDA, where Inductor's
+    fused kernels (norms, RoPE, SwiGLU) beat eager, and stays eager on CPU, where compiling costs
+    seconds per run for little gain on the matmul-bound step."""
+    if mode == "auto":
+        return device.type == "cuda"
+    return bool(mode)
 
 
 def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -136,6 +145,11 @@ def _selective_policy():
                  "_scaled_dot_product_cudnn_attention"):
         if hasattr(ops, name):
             save.add(getattr(ops, name).default)
+    for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):  # flash-attn >= 2.7 registers these
+        try:
+            save.add(getattr(torch.ops.flash_attn, name).default)
+        except (AttributeError, RuntimeError):
+            pass
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE
