@@ -79,7 +79,8 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     complex number x[2i] + i x[2i+1] times cos + i sin, one complex multiply (a third fewer kernels
     and no stack copy, against the same product written out in reals)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    rotation = torch.view_as_complex(cache[: x.shape[1]])[:, None, :]
+    # FSDP's bf16 policy casts the table (a block input) to bf16, which view_as_complex refuses.
+    rotation = torch.view_as_complex(cache[: x.shape[1]].float())[:, None, :]
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
