@@ -628,7 +628,8 @@ def _validate_layout(cfg: Config) -> None:
 
 def _validate_context_parallel(cfg: Config) -> None:
     """What the ring attention (kiln.parallel.context) needs: 2*cp equal chunks of the sequence,
-    a plain causal mask with RoPE, the native engine, and no selective recomputation."""
+    a plain causal mask with RoPE, the native engine, and no selective recomputation (torch's
+    selective checkpointing under FSDP2 meets profiler ops at recompute that forward never stored)."""
     p, m, cp = cfg.parallel, cfg.model, cfg.parallel.cp
     seq = cfg.data.seq_len
     _check(seq % (2 * cp) == 0, "data.seq_len",
@@ -637,7 +638,8 @@ def _validate_context_parallel(cfg: Config) -> None:
         _check((seq // cp) % p.tp == 0, "data.seq_len",
                f"{seq}/cp={seq // cp} is not divisible by tp={p.tp} (sequence parallel shards each cp rank's tokens)")
     _check(p.activation_checkpoint != "selective", "parallel.activation_checkpoint",
-           "selective recomputation cannot replay the ring's send/receive with parallel.cp > 1; use full or none")
+           "selective recomputation fails under FSDP2, which parallel.cp > 1 always applies (over dp_shard x cp); "
+           "use full or none")
     _check(not cfg.data.document_mask, "data.document_mask",
            "document masks are not supported with parallel.cp > 1 (the ring computes a plain causal mask)")
     _check(m.position == "rope", "model.position", "alibi is not supported with parallel.cp > 1; use rope")
