@@ -387,8 +387,6 @@ def part_deepspeed(args) -> dict:
 
 
 def part_throughput(args, attention: str, compiled: bool, ac: str) -> dict:
-    import torch
-
     from kiln.metrics import device_peak_flops, mfu
     from kiln.model import flops_per_token
     from kiln.model.attention import flash_usable

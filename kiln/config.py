@@ -271,6 +271,10 @@ class TrainConfig:
     eval_steps: int = ranged(4, 0)
     max_time_s: Optional[float] = ranged(None, 0, lo_open=True)  # stop (with a checkpoint) after this long
     noise_scale: bool = False  # log the gradient noise scale (kiln/noise_scale.py); needs grad accumulation
+    # batch-size ramp-up (kiln/batch_ramp.py): the first step's global batch, growing linearly over
+    # batch_ramp_tokens consumed tokens to global_batch_tokens; None: no ramp
+    batch_ramp_start_tokens: Optional[int] = ranged(None, 1)
+    batch_ramp_tokens: Optional[int] = ranged(None, 1)
 
 
 @dataclass

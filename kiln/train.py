@@ -168,8 +168,13 @@ def train(cfg: Config) -> dict:
     rt.build_optimizers(lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
     accum = grad_accum_steps(cfg, rt.dp_size)
     step_tokens = tokens_per_step(cfg, rt.dp_size)
+    # --- batch ramp hook (issue 13; kiln/batch_ramp.py): micro-steps per step from tokens consumed ---
+    from kiln.batch_ramp import batch_ramp
+
+    ramp = batch_ramp(cfg, rt.dp_size)
     if resume_from is not None:
-        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
+        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens,
+                     tokens_at=ramp.tokens_after if ramp else None)
 
     noise = None
     if cfg.train.noise_scale:
@@ -217,6 +222,9 @@ def train(cfg: Config) -> dict:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(rt.optimizers, lr)
+            if ramp:  # batch ramp hook: this step's micro-steps and the tokens they consume
+                accum = ramp.accum_at(tokens)
+                step_tokens = accum * ramp.micro_tokens
             try:
                 last = train_step(rt, batches, accum, cfg.optim.grad_clip, noise)
             except NonFiniteGradient as exc:

@@ -79,8 +79,7 @@ def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
     complex number x[2i] + i x[2i+1] times cos + i sin, one complex multiply (a third fewer kernels
     and no stack copy, against the same product written out in reals)."""
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
-    # FSDP's bf16 policy casts the table (a block input) to bf16, which view_as_complex refuses.
-    rotation = torch.view_as_complex(cache[: x.shape[1]].float())[:, None, :]
+    rotation = torch.view_as_complex(cache[: x.shape[1]].float())[:, None, :]  # the cache may be cast to bf16
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
@@ -110,9 +109,6 @@ class Attention(nn.Module):
         # Tensor parallelism gives each rank a slice of the heads; kiln.parallel sets where it starts,
         # so each head keeps its own ALiBi slope.
         self.head_offset = 0
-        # Context parallelism (kiln.parallel.context) sets a ring over the sequence shards here:
-        # (q, k, v) -> out, in place of the local kernel.
-        self.context_parallel = None
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -131,11 +127,8 @@ class Attention(nn.Module):
             slopes = alibi_slopes(self.n_heads)[self.head_offset:self.head_offset + q.shape[2]]
         else:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.context_parallel is not None:
-            out = self.context_parallel(q, k, v)
-        else:
-            backend = resolve_backend(self.backend, q.device, q.dtype, sparse=self.pattern is not None)
-            out = attention(q, k, v, backend, doc_ids, self.window, slopes, self.pattern)
+        backend = resolve_backend(self.backend, q.device, q.dtype, sparse=self.pattern is not None)
+        out = attention(q, k, v, backend, doc_ids, self.window, slopes, self.pattern)
         return self.wo(out.reshape(bsz, seq, -1))
 
 
