@@ -2,11 +2,16 @@
 
     python bench/parallel.py                      # the ~20M `small` model, 2 and 4 CPU processes
     python bench/parallel.py --nproc 2 --steps 2 --seq 128
+    python bench/parallel.py --cp --seq 1024      # context parallelism (ring attention) vs no CP
 
 Every layout runs in the same spawned process group, one after another, on the same machine in
 the same run, so the printed ratios (tokens/s divided by DP-only's) compare like with like.
-Tokens are counted once per DP replica (TP and PP peers share a batch). On a CPU box with fewer
+Tokens are counted once per DP replica (TP, PP and CP peers share a batch). On a CPU box with fewer
 cores than processes the absolute numbers mean little; the ratios show communication overhead.
+With --cp, each sequence is split over the cp ranks instead of each rank holding whole sequences:
+CP overhead is DP-only's tokens/s over CP's at the same process count and sequence length. The
+"math attention" row isolates the kernel: the ring computes its blocks with fp32 matmuls (as the
+math backend does), so CP vs that row is the ring's own cost (communication, merging, load balance).
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ LAYOUTS = {
         "dp2 x tp2": "parallel.tp=2", "dp2 x pp2": "parallel.pp=2 parallel.pp_microbatches=4",
         "pp2 x tp2": "parallel.pp=2 parallel.tp=2 parallel.pp_microbatches=4"},
 }
+CP_LAYOUTS = {
+    2: {"dp2 (fsdp)": "", "dp2 math attention": "model.attention=math", "cp2": "parallel.cp=2"},
+    4: {"dp4 (fsdp)": "", "dp4 math attention": "model.attention=math", "dp2 x cp2": "parallel.cp=2",
+        "cp4": "parallel.cp=4", "cp2 x tp2": "parallel.cp=2 parallel.tp=2"},
+}
 
 
 def worker(rank: int, world: int, port: int, args, out: str) -> None:
@@ -42,7 +52,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
-    for name, overrides in LAYOUTS[world].items():
+    for name, overrides in (CP_LAYOUTS if args.cp else LAYOUTS)[world].items():
         cfg = load_config(["configs/model/small.yaml"], [
             f"data.seq_len={args.seq}", f"train.micro_batch={args.micro_batch}", "train.device=cpu",
             "data.synthetic=markov", "model.attention=sdpa", *overrides.split()])
@@ -77,6 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--cp", action="store_true", help="context parallelism (ring attention) vs DP-only")
     args = parser.parse_args()
     os.chdir(Path(__file__).resolve().parent.parent)
     import torch.multiprocessing as mp
@@ -93,10 +104,12 @@ def main() -> None:
         results = json.loads(Path(out).read_text())
         base_name = next(iter(results))
         base = results[base_name]
-        print(f"\n{world} processes (reference: {base_name})")
-        print(f"  {'layout':<14} {'tokens/s':>10} {'vs DP-only':>11}")
+        print(f"\n{world} processes (reference: {base_name})"
+              + (f"; CP overhead = reference tokens/s / CP tokens/s" if args.cp else ""))
+        print(f"  {'layout':<20} {'tokens/s':>10} {'vs DP-only':>11}")
         for name, tps in results.items():
-            print(f"  {name:<14} {tps:>10.0f} {tps / base:>10.2f}x")
+            extra = f"   overhead {base / tps:.2f}x" if args.cp and "cp" in name else ""
+            print(f"  {name:<20} {tps:>10.0f} {tps / base:>10.2f}x{extra}")
 
 
 if __name__ == "__main__":

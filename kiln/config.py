@@ -194,6 +194,7 @@ class ParallelConfig:
     dp_replicate: int = ranged(1, 1, BIG)
     dp_shard: int = ranged(-1, -1, BIG)  # -1: the rest of the world
     tp: int = ranged(1, 1, 4096)
+    cp: int = ranged(1, 1, 4096)  # context parallel: the sequence split over cp ranks (ring attention)
     sequence_parallel: bool = True  # only meaningful with tp > 1
     pp_schedule: str = one_of(*PP_SCHEDULES)
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
@@ -617,13 +618,39 @@ def _validate_layout(cfg: Config) -> None:
         if virtual > 1 or p.pp_schedule == "zero_bubble":
             _check(micro % pp == 0, "parallel.pp_microbatches",
                    f"{p.pp_schedule} needs micro-batches ({micro}) to be a multiple of pp={pp}")
+    if p.cp > 1:
+        _validate_context_parallel(cfg)
     if p.engine == "deepspeed":
-        _check(tp == 1 and pp == 1, "parallel.engine", "deepspeed supports DP-only layouts (tp=1, pp=1)")
+        _check(tp == 1 and pp == 1 and p.cp == 1, "parallel.engine",
+               "deepspeed supports DP-only layouts (tp=1, pp=1, cp=1)")
         _check(p.dp_replicate == 1, "parallel.dp_replicate", "deepspeed shards over all DP ranks; leave dp_replicate=1")
         _check(p.init != "sharded", "parallel.init", "sharded initialization needs parallel.engine=native; "
                "DeepSpeed builds the full model on every rank before ZeRO partitions it")
         _check(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer",
                "needs parallel.zero_stage >= 1")
+
+
+def _validate_context_parallel(cfg: Config) -> None:
+    """What the ring attention (kiln.parallel.context) needs: 2*cp equal chunks of the sequence,
+    a plain causal mask with RoPE, the native engine, and no selective recomputation (torch's
+    selective checkpointing under FSDP2 meets profiler ops at recompute that forward never stored)."""
+    p, m, cp = cfg.parallel, cfg.model, cfg.parallel.cp
+    seq = cfg.data.seq_len
+    _check(seq % (2 * cp) == 0, "data.seq_len",
+           f"{seq} is not divisible by 2*cp={2 * cp} (each cp rank holds two equal chunks of the sequence)")
+    if p.sequence_parallel and p.tp > 1:
+        _check((seq // cp) % p.tp == 0, "data.seq_len",
+               f"{seq}/cp={seq // cp} is not divisible by tp={p.tp} (sequence parallel shards each cp rank's tokens)")
+    _check(p.activation_checkpoint != "selective", "parallel.activation_checkpoint",
+           "selective recomputation fails under FSDP2, which parallel.cp > 1 always applies (over dp_shard x cp); "
+           "use full or none")
+    _check(not cfg.data.document_mask, "data.document_mask",
+           "document masks are not supported with parallel.cp > 1 (the ring computes a plain causal mask)")
+    _check(m.position == "rope", "model.position", "alibi is not supported with parallel.cp > 1; use rope")
+    _check(m.attention_window is None, "model.attention_window",
+           "sliding windows are not supported with parallel.cp > 1")
+    _check(m.attention_pattern is None or m.attention_pattern.kind == "dense", "model.attention_pattern",
+           "block-sparse attention is not supported with parallel.cp > 1")
 
 
 # What a cluster field may hold: each is written on an `#SBATCH` line (sbatch splits those itself;
@@ -658,16 +685,16 @@ def _validate_cluster(cfg: Config) -> None:
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:
     """Derive every mesh dim from the config and world size; dp_shard=-1 takes the rest."""
     p = cfg.parallel
-    fixed = p.pp * p.dp_replicate * p.tp
+    fixed = p.pp * p.dp_replicate * p.cp * p.tp
     dp_shard = p.dp_shard
     if dp_shard == -1:
         _check(world_size % fixed == 0, "parallel.dp_shard",
-               f"world size {world_size} is not divisible by pp*dp_replicate*tp={fixed}")
+               f"world size {world_size} is not divisible by pp*dp_replicate*cp*tp={fixed}")
         dp_shard = world_size // fixed
     _check(fixed * dp_shard == world_size, "parallel",
-           f"pp*dp_replicate*dp_shard*tp = {p.pp}*{p.dp_replicate}*{dp_shard}*{p.tp} = {fixed * dp_shard} "
+           f"pp*dp_replicate*dp_shard*cp*tp = {p.pp}*{p.dp_replicate}*{dp_shard}*{p.cp}*{p.tp} = {fixed * dp_shard} "
            f"!= world size {world_size}")
-    return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "tp": p.tp}
+    return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp}
 
 
 def micro_step_tokens(cfg: Config, dp_size: int) -> int:

@@ -187,3 +187,14 @@ def test_tie_survives_meta_materialization():
     model.init_weights()
     assert model.output.weight is model.tok_embeddings.weight
     assert count_params(m) == sum(p.numel() for p in model.parameters())
+
+
+def test_rope_accepts_a_bf16_table():
+    """FSDP's bf16 policy casts block inputs, the RoPE table included: rotation still works, and
+    matches the fp32 table to bf16 precision."""
+    from kiln.model.llama import apply_rope, rope_cache
+
+    cache = rope_cache(16, 32, 10000.0)
+    x = torch.randn(2, 32, 4, 16, generator=torch.Generator().manual_seed(0))
+    got = apply_rope(x.bfloat16(), cache.bfloat16()).float()
+    assert torch.allclose(got, apply_rope(x, cache), atol=5e-2)

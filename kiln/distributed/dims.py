@@ -12,7 +12,7 @@ from kiln.batch_ramp import batch_ramp
 from kiln.config import Config, grad_accum_steps, pipeline_microbatches, resolve_world, validate
 from kiln.errors import ConfigError
 
-DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "tp")
+DIM_NAMES = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class ParallelDims:
     tp: int
     virtual_stages: int
     microbatches: int
+    cp: int = 1  # context parallel: ranks that split one sequence (they see the same batch)
 
     @property
     def dp(self) -> int:
@@ -30,7 +31,7 @@ class ParallelDims:
 
     @property
     def world_size(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.pp * self.dp * self.cp * self.tp
 
     @property
     def num_stages(self) -> int:
@@ -48,6 +49,6 @@ def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
     grad_accum_steps(cfg, dims["dp_replicate"] * dims["dp_shard"])  # global batch must split over DP
     batch_ramp(cfg, dims["dp_replicate"] * dims["dp_shard"])  # and so must the ramp's first batch
     p = cfg.parallel
-    return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp,
+    return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp, cp=p.cp,
                         virtual_stages=p.pp_virtual_stages if p.pp > 1 else 1,
                         microbatches=pipeline_microbatches(cfg))

@@ -109,6 +109,9 @@ class Attention(nn.Module):
         # Tensor parallelism gives each rank a slice of the heads; kiln.parallel sets where it starts,
         # so each head keeps its own ALiBi slope.
         self.head_offset = 0
+        # Context parallelism (kiln.parallel.context) sets a ring over the sequence shards here:
+        # (q, k, v) -> out, in place of the local kernel.
+        self.context_parallel = None
         qkv_bias = cfg.attention_bias or cfg.qkv_bias
         self.wq = nn.Linear(cfg.d_model, self.n_heads * self.head_dim, bias=qkv_bias)
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
@@ -127,8 +130,11 @@ class Attention(nn.Module):
             slopes = alibi_slopes(self.n_heads)[self.head_offset:self.head_offset + q.shape[2]]
         else:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        backend = resolve_backend(self.backend, q.device, q.dtype, sparse=self.pattern is not None)
-        out = attention(q, k, v, backend, doc_ids, self.window, slopes, self.pattern)
+        if self.context_parallel is not None:
+            out = self.context_parallel(q, k, v)
+        else:
+            backend = resolve_backend(self.backend, q.device, q.dtype, sparse=self.pattern is not None)
+            out = attention(q, k, v, backend, doc_ids, self.window, slopes, self.pattern)
         return self.wo(out.reshape(bsz, seq, -1))
 
 

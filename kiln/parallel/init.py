@@ -47,11 +47,14 @@ def init_mode(cfg: Config) -> str:
 
 def shard_seed(seed: int, stage: int, mesh) -> int:
     """The RNG seed for this rank's shards of pipeline stage `stage`: different for every
-    (stage, dp_shard, tp) coordinate, so distinct shards draw independent numbers, and the same
+    (stage, dp_shard x cp, tp) coordinate, so distinct shards draw independent numbers, and the same
     across dp_replicate, whose ranks hold copies of one shard. Relies on every randomly
-    initialized parameter being sharded over dp_shard and tp (true for kiln's FSDP and TP plans;
-    the replicated norm weights are constant)."""
-    coord = (mesh["dp_shard"].get_local_rank(), mesh["tp"].get_local_rank()) if mesh is not None else (0, 0)
+    initialized parameter being sharded over dp_shard x cp (FSDP's mesh) and tp (true for kiln's
+    FSDP and TP plans; the replicated norm weights are constant)."""
+    coord = (0, 0)
+    if mesh is not None:
+        cp = mesh["cp"].size()
+        coord = (mesh["dp_shard"].get_local_rank() * cp + mesh["cp"].get_local_rank(), mesh["tp"].get_local_rank())
     digest = hashlib.sha256(f"kiln-init/{seed}/{stage}/{coord[0]}/{coord[1]}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 

@@ -1,7 +1,8 @@
 """The DeviceMesh for a job's parallel dims (kiln.distributed.dims).
 
-A 4-D mesh with named dims pp, dp_replicate, dp_shard, tp (tp innermost, so tensor-parallel peers
-are neighbouring ranks, i.e. on the same node); size-1 dims are kept so `mesh["tp"]` always exists.
+A 5-D mesh with named dims pp, dp_replicate, dp_shard, cp, tp (tp innermost, so tensor-parallel peers
+are neighbouring ranks, i.e. on the same node, and context-parallel rings next to them); size-1 dims
+are kept so `mesh["tp"]` and `mesh["cp"]` always exist.
 """
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ from kiln.distributed.dims import DIM_NAMES, ParallelDims
 
 
 def build_mesh(dims: ParallelDims, device: torch.device):
-    """The 4-D mesh (size-1 dims included, so `mesh["tp"]` always exists)."""
+    """The 5-D mesh (size-1 dims included, so `mesh["tp"]` always exists)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.tp)
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
     return init_device_mesh(device.type, shape, mesh_dim_names=DIM_NAMES)
 
 
 def dp_coordinate(mesh, dims: ParallelDims) -> int:
-    """This rank's index among DP replicas: TP and PP peers of one replica share it."""
+    """This rank's index among DP replicas: TP, CP and PP peers of one replica share it."""
     return mesh["dp_replicate"].get_local_rank() * dims.dp_shard + mesh["dp_shard"].get_local_rank()

@@ -1,5 +1,5 @@
-"""`parallelize(model, mesh, cfg)`: tensor/sequence parallel, activation checkpointing, compile,
-FSDP2/HSDP, in that order (as torchtitan does), on a plain kiln Transformer or a pipeline stage
+"""`parallelize(model, mesh, cfg)`: tensor/sequence parallel, context parallel (ring attention),
+activation checkpointing, compile, FSDP2/HSDP, in that order (as torchtitan does), on a plain kiln Transformer or a pipeline stage
 of one. Parameter names never change (composable APIs only), so checkpoints load across layouts.
 """
 from __future__ import annotations
@@ -15,6 +15,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
     p = cfg.parallel
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
+    if mesh is not None and mesh["cp"].size() > 1:
+        from kiln.parallel.context import apply_context_parallel
+
+        apply_context_parallel(model, mesh["cp"])
     if p.activation_checkpoint != "none":
         apply_activation_checkpointing(model, p.activation_checkpoint)
     if compile_enabled(p.compile, device):
@@ -44,13 +48,27 @@ def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
 
 
 def data_parallel_mesh(mesh: DeviceMesh | None) -> DeviceMesh | None:
-    """The FSDP mesh: 2-D (replicate, shard) for HSDP, 1-D dp_shard for FSDP, None without DP."""
+    """The FSDP mesh: 2-D (replicate, shard) for HSDP, 1-D dp_shard for FSDP, None without DP.
+    Context-parallel ranks hold different tokens of one sequence, so for gradients they are data
+    ranks too: FSDP shards and averages over dp_shard x cp (torchtitan's dp_shard_cp)."""
     if mesh is None:
         return None
-    rep, shard = mesh["dp_replicate"].size(), mesh["dp_shard"].size()
-    if rep * shard == 1:
+    rep, shard, cp = mesh["dp_replicate"].size(), mesh["dp_shard"].size(), mesh["cp"].size()
+    if rep * shard * cp == 1:
         return None
-    return mesh["dp_replicate", "dp_shard"] if rep > 1 else mesh["dp_shard"]
+    if cp == 1:
+        return mesh["dp_replicate", "dp_shard"] if rep > 1 else mesh["dp_shard"]
+    if id(mesh) not in _WITH_CP:  # flattening builds process groups: once per mesh
+        if rep == 1:
+            dp = mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        else:
+            dp = mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")._unflatten(
+                0, (rep, shard * cp), ("hsdp_replicate", "hsdp_shard_cp"))
+        _WITH_CP[id(mesh)] = (mesh, dp)  # the mesh stays referenced, so its id is not reused
+    return _WITH_CP[id(mesh)][1]
+
+
+_WITH_CP: dict = {}
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool) -> None:

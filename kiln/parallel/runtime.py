@@ -18,6 +18,7 @@ from torch import nn
 
 from kiln.checkpoint.state import ModelState
 from kiln.config import Config
+from kiln.errors import KilnError
 from kiln.distributed import ParallelDims, parallel_dims, pick_device
 from kiln.model.loss import cross_entropy
 from kiln.parallel.init import init_mode, init_sharded, materialize, on_meta, shard_seed
@@ -50,6 +51,8 @@ class ParallelRuntime:
         self.has_first_stage = 0 in stages
         self.is_last_stage = (num_stages - 1) in stages
         self.tp = dims.tp if dims else 1
+        self.cp = dims.cp if dims else 1
+        self.cp_rank = mesh["cp"].get_local_rank() if mesh is not None else 0
         self.dp_rank = dp_coordinate(mesh, dims) if mesh is not None else 0
         self.dp_size = dims.dp if dims else 1
         dtype = mixed_precision_dtype(cfg, device)
@@ -74,6 +77,12 @@ class ParallelRuntime:
         inp = batch["input"].to(self.device, non_blocking=True)
         tgt = batch["target"].to(self.device, non_blocking=True)
         doc = batch.get("doc_ids")
+        if self.cp > 1:  # every cp rank gets the whole sample and keeps its load-balanced chunks
+            from kiln.parallel.context import shard_sequence
+
+            if doc is not None:
+                raise KilnError("data.document_mask: document masks are not supported with parallel.cp > 1")
+            inp, tgt = shard_sequence(inp, self.cp, self.cp_rank), shard_sequence(tgt, self.cp, self.cp_rank)
         return inp, tgt, (None if doc is None else doc.to(self.device, non_blocking=True))
 
     def _pipeline_loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -147,13 +156,14 @@ class ParallelRuntime:
 
     def reduce_mean(self, value: Optional[torch.Tensor]) -> torch.Tensor:
         """Average a per-replica scalar over DP; only last-stage ranks contribute (each TP peer
-        holds the same value, so the sum is divided by tp as well)."""
+        holds the same value, so the sum is divided by tp as well; each CP rank holds the mean over
+        its equal share of the tokens, so dividing by cp gives the mean over the sequence)."""
         if self.mesh is None:
             return value.detach().double()
         own = value.detach().double().reshape(1) if (self.is_last_stage and value is not None) else None
         t = own if own is not None else torch.zeros(1, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return t[0] / (self.dp_size * self.tp)
+        return t[0] / (self.dp_size * self.tp * self.cp)
 
     def all_finite(self, loss: Optional[torch.Tensor], grad_norm: torch.Tensor) -> torch.Tensor:
         """The global gradient norm is the same on every rank (gradients are reduced before it), and a

@@ -462,7 +462,8 @@ def estimate_command(args) -> int:
 
 def render_estimate(r: dict) -> str:
     lay = r["layout"]
-    lines = [f"{r['params']:,} parameters on {r['gpus']} x {r['gpu']}: tp {lay['tp']}, pp {lay['pp']}, "
+    cp = f"cp {lay['cp']} (ring attention), " if lay.get("cp", 1) > 1 else ""
+    lines = [f"{r['params']:,} parameters on {r['gpus']} x {r['gpu']}: tp {lay['tp']}, pp {lay['pp']}, {cp}"
              f"dp {lay['dp']} (shard {lay['dp_shard']}, ZeRO-{lay['zero']}), micro-batch {lay['micro_batch']}, "
              f"recompute {lay['activation_checkpoint']}",
              f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable:"]
@@ -474,6 +475,10 @@ def render_estimate(r: dict) -> str:
                         else ")"))
     for k, v in r["memory_breakdown_gib"].items():
         lines.append(f"  {k:<13}{v:10.2f}" + (f"   {measured['total']:10.2f}" if measured and k == "total" else ""))
+    if r.get("longest_seq_len") is not None:
+        cp = lay.get("cp", 1)
+        lines.append(f"longest data.seq_len that fits this layout: {r['longest_seq_len']:,} tokens"
+                     + (f" ({r['longest_seq_len'] // cp:,} per GPU over cp {cp})" if cp > 1 else ""))
     if measured:
         lines.append("  measured: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items() if k != "total"))
     if r.get("gpu_hours") is not None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.config import Config, resolve_world, tokens_per_step
 from kiln.planner import cost as costs
 from kiln.hardware import lookup
-from kiln.planner.memory import GIB, Layout, memory_breakdown
+from kiln.planner.memory import GIB, Layout, longest_seq_len, memory_breakdown
 
 
 def layout_of(cfg: Config, gpus: int) -> Layout:
@@ -15,8 +15,9 @@ def layout_of(cfg: Config, gpus: int) -> Layout:
     from kiln.config import grad_accum_steps
 
     dp = world["dp_replicate"] * world["dp_shard"]
-    return Layout(grad_accum=grad_accum_steps(cfg, dp), tp=world["tp"], pp=world["pp"], dp=world["dp_replicate"] * world["dp_shard"],
-                  dp_shard=world["dp_shard"] if native else world["dp_replicate"] * world["dp_shard"],
+    # FSDP shards over dp_shard x cp (context-parallel ranks reduce gradients as data ranks do).
+    return Layout(grad_accum=grad_accum_steps(cfg, dp), tp=world["tp"], pp=world["pp"], dp=dp, cp=world["cp"],
+                  dp_shard=world["dp_shard"] * world["cp"] if native else dp,
                   zero=3 if native else p.zero_stage,
                   micro_batch=max(1, cfg.train.micro_batch // chunks), pp_microbatches=chunks,
                   activation_checkpoint=p.activation_checkpoint, sequence_parallel=p.sequence_parallel,
@@ -67,12 +68,13 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
     run = costs.run_cost(flops_per_token(cfg.model, cfg.data.seq_len) * tokens, acc, gpus, used_mfu, price, pue)
     return {
         "gpu": acc.name, "gpus": gpus, "params": count_params(cfg.model), "tokens": tokens,
-        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "dp_shard": lay.shard, "zero": lay.zero,
+        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "dp_shard": lay.shard, "zero": lay.zero,
                    "micro_batch": lay.micro_batch, "pp_microbatches": lay.pp_microbatches,
                    "activation_checkpoint": lay.activation_checkpoint},
         "memory_breakdown_gib": {k: v / GIB for k, v in mem.items()},
         "memory_gib_per_gpu": mem["total"] / GIB, "memory_usable_gib": usable / GIB,
         "fits": mem["total"] <= usable, "largest_term": largest,
+        "longest_seq_len": longest_seq_len(cfg.model, lay, usable, flash=flash),
         "mfu": used_mfu, "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
         "energy_kwh": run.energy_kwh,
         "mfu_source": mfu_note,

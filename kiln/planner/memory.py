@@ -14,6 +14,10 @@ Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
   comm        FSDP all-gather of two unsharded bf16 layers (current + prefetch) and one fp32
               reduce-scatter layer; DDP/ZeRO-1/2 gradient buckets (2 x 25 MB); TP/SP and
               pipeline send/receive buffers of 2 s b h bytes each.
+  context     context parallelism (cp > 1): every sequence-proportional term above uses the cp rank's
+              s / cp tokens; kiln's ring attention (kiln/parallel/context.py) also keeps fp32 copies of
+              q, k, v and the attention output per layer, and its ring holds k/v (and in backward their
+              gradients) in flight plus one block's scores, probabilities and their gradient.
 Parameters are split by TP (matrices; norms replicated) and PP (layers; embedding on the first
 stage, output on the last); ZeRO stage z shards optimizer (z>=1), grads (z>=2) and weights (z=3)
 over the data-parallel shard degree. The worst stage is assumed to hold both the first stage's
@@ -35,7 +39,8 @@ class Layout:
     tp: int = 1
     pp: int = 1
     dp: int = 1  # total data-parallel degree (replicate x shard)
-    dp_shard: int | None = None  # ZeRO/FSDP shard degree; None: equal to dp
+    dp_shard: int | None = None  # ZeRO/FSDP shard degree; None: equal to dp (x cp for the native engine)
+    cp: int = 1  # context parallel: ranks that split each sequence (ring attention)
     zero: int = 3  # 3 for FSDP (kiln's native engine), DeepSpeed's zero_stage otherwise
     micro_batch: int = 1  # sequences per pipeline micro-batch (per forward)
     pp_microbatches: int = 1  # pipeline micro-batches per step (1 when pp == 1)
@@ -47,11 +52,11 @@ class Layout:
 
     @property
     def shard(self) -> int:
-        return self.dp if self.dp_shard is None else self.dp_shard
+        return self.dp * self.cp if self.dp_shard is None else self.dp_shard
 
     @property
     def gpus(self) -> int:
-        return self.tp * self.pp * self.dp
+        return self.tp * self.pp * self.dp * self.cp
 
 
 def layer_matrix_params(m: ModelConfig) -> int:
@@ -126,9 +131,28 @@ def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, t
     return sbh * (per + (0.0 if checkpoint == "selective" else scores))
 
 
+def ring_attention_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, cp: int) -> tuple[float, float]:
+    """(stored per layer, transient) bytes of kiln's ring attention on one cp rank of `cp`: the fp32
+    q, k, v and output it saves for backward; k/v and their fp32 gradients in flight (sent and
+    received), and the scores, probabilities and score gradient of one (s/2cp)^2 block."""
+    from kiln.parallel.context import TILE_ELEMENTS
+
+    if cp == 1:
+        return 0.0, 0.0
+    tokens = seq_len / cp * micro_batch
+    d_q, d_kv = m.n_heads * m.dim_per_head / tp, m.kv_heads * m.dim_per_head / tp
+    stored = 4 * tokens * (2 * d_q + 2 * d_kv)
+    chunk = seq_len / (2 * cp)
+    row = micro_batch * (m.n_heads / tp) * chunk  # score elements of one query row over all heads
+    tile = min(row * chunk, max(TILE_ELEMENTS, row))  # the block is computed in query-row tiles
+    transient = 2 * 2 * (4 * tokens * 2 * d_kv) + 3 * 4 * tile
+    return stored, transient
+
+
 def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: int = 4,
                      flash: bool = True) -> dict[str, float]:
-    """Bytes per GPU for each term, plus 'total'."""
+    """Bytes per GPU for each term, plus 'total'. Under context parallelism each GPU holds s / cp
+    tokens of every sequence, so the activation, logits and buffer terms use that length."""
     p = stage_params(m, layout.tp, layout.pp)
     z, shard = layout.zero, layout.shard
     native = layout.engine == "native"
@@ -138,9 +162,13 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     grads = grad_bytes * p / (shard if z >= 2 else 1)
     optimizer = (8 if native else 12) * p / (shard if z >= 1 else 1)
 
-    b, t = layout.micro_batch, layout.tp
+    b, t, cp = layout.micro_batch, layout.tp, layout.cp
+    ring_stored, ring_transient = ring_attention_bytes(m, seq_len, b, t, cp)
+    seq_len = seq_len // cp
     per_layer = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel,
-                                           layout.activation_checkpoint, flash)
+                                           layout.activation_checkpoint, flash or cp > 1)
+    if layout.activation_checkpoint != "full":  # full recompute keeps only each layer's input
+        per_layer += ring_stored
     layers = math.ceil(m.n_layers / layout.pp)
     if layout.pp == 1:
         in_flight = 1
@@ -150,7 +178,8 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
         in_flight = min(layout.pp, layout.pp_microbatches)
     activations = layers * per_layer * in_flight
     if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
-        activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none", flash)
+        activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none",
+                                                  flash or cp > 1) + ring_stored
     logits = seq_len * b * m.vocab_size * logits_bytes(layout)
 
     layer_p = layer_matrix_params(m) / t
@@ -161,7 +190,7 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     else:
         comm = DDP_BUCKETS if layout.dp > 1 else 0
     sbh2 = 2 * seq_len * b * m.d_model
-    comm += (sbh2 if t > 1 else 0) + (2 * sbh2 if layout.pp > 1 else 0)
+    comm += (sbh2 if t > 1 else 0) + (2 * sbh2 if layout.pp > 1 else 0) + ring_transient
     terms = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
              "logits": logits, "comm_buffers": comm}
     # Without accumulation the peak is at the loss, before backward allocates any gradient (as
@@ -169,3 +198,22 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     holds_grads = layout.grad_accum > 1 or layout.pp > 1
     terms["total"] = sum(terms.values()) - (0.0 if holds_grads else grads)
     return terms
+
+
+def longest_seq_len(m: ModelConfig, layout: Layout, usable_bytes: float, grad_bytes: int = 4,
+                    flash: bool = True, limit: int = 2 ** 24) -> int:
+    """The longest sequence (tokens, a multiple of what the layout needs: 2*cp chunks, split by tp
+    under sequence parallelism) whose per-GPU total fits in `usable_bytes`; 0 if none does. Memory
+    grows with the length, so a binary search over multiples of that unit finds it."""
+    unit = 2 * layout.cp if layout.cp > 1 else 1
+    if layout.sequence_parallel and layout.tp > 1:
+        unit = unit * layout.tp // math.gcd(unit, layout.tp)
+
+    def fits(units: int) -> bool:
+        return memory_breakdown(m, units * unit, layout, grad_bytes, flash)["total"] <= usable_bytes
+
+    lo, hi = 0, limit // unit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo * unit
