@@ -13,6 +13,11 @@ from kiln.config import Config
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: torch.device) -> nn.Module:
     p = cfg.parallel
+    expert_parallel = mesh is not None and p.ep > 1
+    if expert_parallel:
+        from kiln.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh["ep"])
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
     if p.activation_checkpoint != "none":
@@ -22,8 +27,19 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
             block.compile()
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
+        if expert_parallel:
+            from kiln.parallel.expert import shard_experts
+
+            shard_experts(model, mesh["expert_dp"], **fsdp_options(cfg, device))
         apply_fsdp(model, dp_mesh, p.reshard_after_forward, mixed_precision_dtype(cfg, device))
     return model
+
+
+def fsdp_options(cfg: Config, device: torch.device) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(cfg, device), reduce_dtype=torch.float32)
+    return {"reshard_after_forward": cfg.parallel.reshard_after_forward, "mp_policy": policy}
 
 
 def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
