@@ -188,3 +188,22 @@ def test_ep_needs_a_moe_model_and_must_divide_dp():
     with pytest.raises(ConfigError, match="parallel.ep"):
         parallel_dims(moe_cfg("parallel.ep=4"), 2)
     assert parallel_dims(moe_cfg("parallel.ep=2"), 4).ep == 2
+
+
+def test_moe_model_trains_and_logs_router_metrics(tmp_path):
+    import json
+
+    from kiln.train import train
+
+    cfg = load_config([], ["model.vocab_size=64", "model.d_model=32", "model.n_layers=2", "model.n_heads=4",
+                           "model.ffn_dim=32", "model.moe.n_experts=4", "model.moe.top_k=2", "data.synthetic=markov",
+                           "data.synthetic_vocab=16", "data.seq_len=16", "train.micro_batch=8", "train.steps=40",
+                           "train.eval_every=0", "checkpoint.enabled=false", "logging.log_every=10",
+                           "logging.tensorboard=false", "logging.progress=false", f"train.run_dir={tmp_path}"])
+    train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "default" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+    for r in rows:
+        assert len(r["moe_load"]) == 4 and sum(r["moe_load"]) == pytest.approx(1.0, abs=1e-4)
+        assert r["moe_load_max"] == pytest.approx(4 * max(r["moe_load"]), rel=1e-4)
+        assert r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0

@@ -148,3 +148,11 @@ def set_aux_loss_scale(model: nn.Module, scale: float) -> None:
     """Give every MoE layer's aux loss the gradient scale the caller gives its main loss."""
     for layer in moe_layers(model):
         layer.aux_loss_scale = scale
+
+
+def local_moe_stats(parts: list[nn.Module]) -> torch.Tensor | None:
+    """[balance, z-loss, load per expert...] summed over this rank's MoE layers (their last forward),
+    or None without any; the caller averages over layers and replicas."""
+    rows = [torch.cat([layer.stats["aux_loss"].reshape(1), layer.stats["z_loss"].reshape(1), layer.stats["load"]])
+            for part in parts for layer in moe_layers(part) if layer.stats]
+    return torch.stack(rows).sum(0).double() if rows else None

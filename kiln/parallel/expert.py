@@ -26,10 +26,9 @@ from kiln.model.moe import GroupedExperts
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
     """Autograd-aware all_to_all_single (its backward sends the gradients back the same way)."""
-    from torch.distributed.nn.functional import all_to_all_single
+    from torch.distributed import _functional_collectives as funcol
 
-    out = x.new_empty((sum(out_splits),) + tuple(x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return funcol.wait_tensor(funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group))
 
 
 class _ScaleGrad(torch.autograd.Function):
