@@ -207,3 +207,13 @@ def test_moe_model_trains_and_logs_router_metrics(tmp_path):
         assert len(r["moe_load"]) == 4 and sum(r["moe_load"]) == pytest.approx(1.0, abs=1e-4)
         assert r["moe_load_max"] == pytest.approx(4 * max(r["moe_load"]), rel=1e-4)
         assert r["moe_aux_loss"] > 0 and r["moe_z_loss"] > 0
+
+
+def test_planner_memory_counts_every_expert():
+    from kiln.planner.memory import stage_params
+
+    moe, dense = moe_cfg("model.moe.every_n_layers=2").model, load_config([], BASE).model
+    expert = 3 * moe.d_model * moe.ffn_hidden
+    assert stage_params(moe, 1, 1) - stage_params(dense, 1, 1) == \
+        moe.n_moe_layers * ((moe.moe.n_experts - 1) * expert + moe.d_model * moe.moe.n_experts)
+    assert stage_params(moe, 1, 1) == count_params(moe)

@@ -1,6 +1,6 @@
 """MoE under every parallel layout kiln supports for it equals the single process (loss, every
 gradient with the aux and z losses in it, grad norm, weights after AdamW steps), as in
-test_parallel_layouts: FSDP2, expert parallel (all-to-all dispatch) alone and with FSDP2 over the
+test_parallel_layouts: FSDP2, TP2 (experts replicated over TP, shared experts split), expert parallel (all-to-all dispatch) alone and with FSDP2 over the
 experts, and PP2 with four micro-batches (the aux loss must not depend on how the pipeline cuts
 the batch). Two spawns (2 and 4 ranks)."""
 from __future__ import annotations
@@ -21,8 +21,12 @@ LAYOUTS = {  # name: (world, variant, overrides)
     "fsdp2": (2, "shared_every_2nd", []),
     "ep2": (2, "every_layer", ["parallel.ep=2"]),
     "pp2_1f1b": (2, "every_layer", ["parallel.pp=2", "parallel.pp_schedule=1f1b", "parallel.pp_microbatches=4"]),
+    "tp2": (2, "shared_every_2nd", ["parallel.tp=2"]),
+    "tp2_no_sp": (2, "every_layer", ["parallel.tp=2", "parallel.sequence_parallel=false"]),
     "ep2_fsdp2": (4, "every_layer", ["parallel.ep=2"]),
     "ep2_fsdp2_shared": (4, "shared_every_2nd", ["parallel.ep=2", "parallel.activation_checkpoint=full"]),
+    "fsdp2_tp2": (4, "shared_every_2nd", ["parallel.tp=2"]),
+    "pp2_tp2": (4, "every_layer", ["parallel.pp=2", "parallel.tp=2"]),
 }
 
 

@@ -106,7 +106,7 @@ class MoEFeedForward(nn.Module):
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (batch, seq, d) -> top-k expert ids (tokens, k), their gates (tokens, k, fp32), aux loss."""
         bsz, seq, _ = x.shape
-        logits = F.linear(x.reshape(bsz * seq, -1).float(), self.router.weight.float())
+        logits = F.linear(x.reshape(bsz * seq, -1).float(), _local(self.router.weight).float())
         top_logits, top_idx = logits.topk(self.top_k, dim=-1)
         gates = top_logits.softmax(dim=-1)
         probs = logits.softmax(dim=-1).view(bsz, seq, -1)

@@ -9,6 +9,7 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from kiln.config import Config
+from kiln.model.moe import MoEFeedForward
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: torch.device) -> nn.Module:
@@ -93,12 +94,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
-                                               use_local_output=True),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         }
+        if isinstance(block.feed_forward, MoEFeedForward):
+            plan.update(moe_tensor_parallel_plan(block.feed_forward, tp_mesh, seq))
+        else:
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            })
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
@@ -106,6 +112,27 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             replicate_on_mesh(block.attention_norm, tp_mesh)
             replicate_on_mesh(block.ffn_norm, tp_mesh)
         parallelize_module(block, tp_mesh, plan)
+
+
+def moe_tensor_parallel_plan(moe: MoEFeedForward, tp_mesh: DeviceMesh, seq) -> dict:
+    """A MoE feed-forward under TP: every TP rank routes the whole (gathered) sequence and runs the
+    routed experts whole (router and expert weights replicated DTensors, the model computes on
+    their local copies), so each rank holds the full, identical gradient; the shared experts are
+    split Megatron-style. The output goes back to the residual stream's layout."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel
+
+    for module in (moe.router, moe.experts):
+        for name, param in list(module.named_parameters(recurse=False)):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Replicate()]),
+                                                         requires_grad=param.requires_grad))
+    plan = {"feed_forward": PrepareModuleInputOutput(
+        input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True)}
+    if moe.shared is not None:
+        plan.update({"feed_forward.shared.w1": ColwiseParallel(), "feed_forward.shared.w3": ColwiseParallel(),
+                     "feed_forward.shared.w2": RowwiseParallel(output_layouts=Replicate())})
+    return plan
 
 
 def replicate_on_mesh(module: nn.Module, mesh: DeviceMesh) -> None:
