@@ -598,10 +598,12 @@ def _validate_moe(cfg: Config) -> None:
     _check(e.every_n_layers <= m.n_layers, "model.moe.every_n_layers",
            f"{e.every_n_layers} exceeds model.n_layers={m.n_layers}: no layer would be MoE")
     _check(not m.mlp_bias, "model.mlp_bias", "MoE experts have no biases; unset model.mlp_bias")
+    _check(p.tp == 1 or p.init != "sharded", "parallel.init",
+           "sharded initialization gives each TP rank its own copy of the MoE router and experts (tp > 1 "
+           "replicates them); use parallel.init=full or auto")
     if p.ep > 1:
         _check(e.n_experts % p.ep == 0, "parallel.ep", f"{p.ep} does not divide model.moe.n_experts={e.n_experts}")
         _check(p.engine == "native", "parallel.ep", "expert parallelism needs parallel.engine=native")
-        _check(p.tp == 1, "parallel.ep", "expert parallelism with tp > 1 is not supported yet; use ep or tp")
         _check(p.dp_replicate == 1, "parallel.ep", "expert parallelism borrows ranks from dp_shard; "
                "leave parallel.dp_replicate=1")
         _check(p.dp_shard == -1 or p.dp_shard % p.ep == 0, "parallel.ep",

@@ -169,10 +169,10 @@ def test_count_params_counts_every_expert_and_flops_count_active_ones(extra):
     ("model.moe.shared_experts=-1", "model.moe.shared_experts"),
     ("model.mlp_bias=true", "model.mlp_bias"),
     ("parallel.ep=3", "parallel.ep"),
-    ("parallel.ep=2 parallel.tp=2", "parallel.ep"),
     ("parallel.ep=2 parallel.dp_replicate=2", "parallel.ep"),
     ("parallel.ep=2 parallel.dp_shard=3", "parallel.ep"),
     ("parallel.ep=0", "parallel.ep"),
+    ("parallel.tp=2 parallel.init=sharded", "parallel.init"),
 ])
 def test_bad_moe_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -217,3 +217,15 @@ def test_planner_memory_counts_every_expert():
     assert stage_params(moe, 1, 1) - stage_params(dense, 1, 1) == \
         moe.n_moe_layers * ((moe.moe.n_experts - 1) * expert + moe.d_model * moe.moe.n_experts)
     assert stage_params(moe, 1, 1) == count_params(moe)
+
+
+@pytest.mark.parametrize("extra,key", [("model.moe.every_n_layers=2", "every_n_layers"),
+                                       ("model.moe.shared_experts=1", "shared_experts"),
+                                       ("model.qkv_bias=true", "bias")])
+def test_hf_export_refuses_what_mixtral_cannot_hold(extra, key):
+    from kiln.convert.hf import hf_family
+    from kiln.errors import KilnError
+
+    assert hf_family(moe_cfg().model) == "mixtral"
+    with pytest.raises(KilnError, match=key):
+        hf_family(moe_cfg(extra).model)

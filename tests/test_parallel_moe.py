@@ -26,6 +26,8 @@ LAYOUTS = {  # name: (world, variant, overrides)
     "ep2_fsdp2": (4, "every_layer", ["parallel.ep=2"]),
     "ep2_fsdp2_shared": (4, "shared_every_2nd", ["parallel.ep=2", "parallel.activation_checkpoint=full"]),
     "fsdp2_tp2": (4, "shared_every_2nd", ["parallel.tp=2"]),
+    "ep2_tp2": (4, "shared_every_2nd", ["parallel.ep=2", "parallel.tp=2"]),
+    "pp2_ep2": (4, "every_layer", ["parallel.pp=2", "parallel.ep=2", "parallel.pp_schedule=gpipe"]),
     "pp2_tp2": (4, "every_layer", ["parallel.pp=2", "parallel.tp=2"]),
 }
 

@@ -74,14 +74,17 @@ class _Dispatch:
         return _a2a(_ScaleGrad.apply(out, 1.0 / self.size)[back], send, recv, self.group)
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> None:
-    """Shard every GroupedExperts' weights over ep_mesh (dim 0) and route tokens with all-to-all."""
-    from torch.distributed.tensor import Shard, distribute_tensor
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, ep_tp_mesh: DeviceMesh | None = None) -> None:
+    """Shard every GroupedExperts' weights over ep_mesh (dim 0) and route tokens with all-to-all.
+    With tensor parallelism (ep_tp_mesh: the 2-D (ep, tp) mesh) the experts are also replicated
+    over tp: every TP rank holds the same gathered tokens and exchanges them with its ep peers."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
+    mesh, placements = (ep_mesh, [Shard(0)]) if ep_tp_mesh is None else (ep_tp_mesh, [Shard(0), Replicate()])
     for module in model.modules():
         if isinstance(module, GroupedExperts):
             for name, param in list(module.named_parameters(recurse=False)):
-                shard = distribute_tensor(param.data, ep_mesh, [Shard(0)])
+                shard = distribute_tensor(param.data, mesh, placements)
                 module.register_parameter(name, nn.Parameter(shard, requires_grad=param.requires_grad))
             hooks = _Dispatch(ep_mesh)
             module.register_forward_pre_hook(hooks.before)

@@ -18,7 +18,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
     if expert_parallel:
         from kiln.parallel.expert import apply_expert_parallel
 
-        apply_expert_parallel(model, mesh["ep"])
+        apply_expert_parallel(model, mesh["ep"], mesh["ep", "tp"] if mesh["tp"].size() > 1 else None)
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
     if p.activation_checkpoint != "none":
@@ -119,11 +119,13 @@ def moe_tensor_parallel_plan(moe: MoEFeedForward, tp_mesh: DeviceMesh, seq) -> d
     routed experts whole (router and expert weights replicated DTensors, the model computes on
     their local copies), so each rank holds the full, identical gradient; the shared experts are
     split Megatron-style. The output goes back to the residual stream's layout."""
-    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
     from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel
 
     for module in (moe.router, moe.experts):
         for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):  # expert parallel placed the experts on (ep, tp) already
+                continue
             module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Replicate()]),
                                                          requires_grad=param.requires_grad))
     plan = {"feed_forward": PrepareModuleInputOutput(
