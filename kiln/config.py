@@ -586,6 +586,7 @@ def validate(cfg: Config) -> None:
     t = cfg.train
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
     _validate_trackers(cfg)
+    _validate_cluster(cfg)
 
 
 def _validate_moe(cfg: Config) -> None:
@@ -677,6 +678,35 @@ def _validate_layout(cfg: Config) -> None:
                "DeepSpeed builds the full model on every rank before ZeRO partitions it")
         _check(not p.offload_optimizer or p.zero_stage >= 1, "parallel.offload_optimizer",
                "needs parallel.zero_stage >= 1")
+
+
+# What a cluster field may hold: each is written on an `#SBATCH` line (sbatch splits those itself;
+# no shell, but no spaces either).
+SBATCH_NAME = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}"
+SBATCH_FIELDS = {
+    "partition": (r"[A-Za-z0-9._+-]+(,[A-Za-z0-9._+-]+)*", "partition"),
+    "account": (SBATCH_NAME, "account"),
+    "qos": (SBATCH_NAME, "QOS"),
+    "constraint": (r"[A-Za-z0-9._,&|()\[\]*!:+-]+", "constraint"),
+    "time": (r"\d+(:\d+){1,2}|\d+-\d+(:\d+){0,2}", "time limit (HH:MM:SS, MM:SS or D-HH[:MM[:SS]])"),
+}
+ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+
+
+def _validate_cluster(cfg: Config) -> None:
+    c = cfg.cluster
+    if c.time is not None and str(c.time).isdigit():
+        # YAML reads an unquoted 12:00:00 as the integer 43200 (base 60); refuse to guess the unit.
+        raise ConfigError("cluster.time", f"{c.time!r} is a bare number: write a quoted string such as "
+                                          "'12:00:00' or '2-00:00:00' (YAML turns unquoted 12:00:00 into 43200)")
+    for key, (pattern, what) in SBATCH_FIELDS.items():
+        value = getattr(c, key)
+        if value not in (None, ""):
+            _check(re.fullmatch(pattern, str(value)) is not None, f"cluster.{key}",
+                   f"{str(value)!r} is not a valid {what} (it would be written on an #SBATCH line)")
+    for key in c.env or {}:
+        _check(re.fullmatch(ENV_NAME, str(key)) is not None, f"cluster.env.{key}",
+               "is not a valid environment variable name")
 
 
 def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import webdataset as wds
 
-from kiln.config import DataConfig
+from kiln.config import DataConfig, DatasetSource
 from kiln.data.loader import shard_loader
 from kiln.data.prepare import prepare
 from kiln.errors import KilnError
@@ -110,7 +110,7 @@ def test_shuffle_permutes_shards_then_samples_within_blocks(tmp_path, buf):
 def test_global_stream_is_the_same_for_any_dp_size_and_micro_batch(tmp_path):
     a = _make(tmp_path, "a")
     cfg = _cfg(None, num_workers=0, document_mask=True,
-               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+               mixture=[DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)])
     kw = dict(split="train", vocab_size=257)
     single = _take(shard_loader(cfg, micro_batch=2, dp_rank=0, dp_size=1, **kw), 24)
     three = _global([_take(shard_loader(cfg, micro_batch=2, dp_rank=r, dp_size=3, **kw), 8) for r in range(3)])
@@ -125,7 +125,7 @@ def test_resume_sees_the_uninterrupted_batches_with_any_worker_count(tmp_path, m
     a = _make(tmp_path, "a")
     cfg = _cfg(a, document_mask=document_mask)
     if mixture:
-        cfg.path, cfg.mixture = None, [{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}]
+        cfg.path, cfg.mixture = None, [DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)]
     kw = dict(split="train", micro_batch=3, dp_rank=1, dp_size=2, vocab_size=257)
     full = _take(shard_loader(cfg, **kw), 40)  # several epochs
     k = 13
@@ -202,7 +202,7 @@ def test_doc_ids_split_at_eos_and_at_shuffled_sample_joins(tmp_path):
 
 def test_mixture_proportions_match_weights(tmp_path):
     a, b = _make(tmp_path, "a", "abc"), _make(tmp_path, "b", "xyz", seed=3)
-    cfg = _cfg(None, num_workers=0, mixture=[{"path": a, "weight": 3.0}, {"path": b, "weight": 1.0}])
+    cfg = _cfg(None, num_workers=0, mixture=[DatasetSource(a, 3.0), DatasetSource(b, 1.0)])
     loader = shard_loader(cfg, split="train", micro_batch=16, dp_rank=0, dp_size=1, vocab_size=257)
     counts = Counter()
     for batch in _take(loader, 200):
@@ -269,7 +269,7 @@ def test_mixture_with_different_tokenizers_is_refused(tmp_path):
     a = _make(tmp_path, "a")
     src = tmp_path / "a.jsonl"
     prepare([str(src)], str(tmp_path / "bpe"), "bpe:300", sample_tokens=L, num_proc=1, val_fraction=0)
-    cfg = _cfg(None, mixture=[{"path": a, "weight": 1}, {"path": str(tmp_path / "bpe"), "weight": 1}])
+    cfg = _cfg(None, mixture=[DatasetSource(a, 1), DatasetSource(str(tmp_path / "bpe"), 1)])
     with pytest.raises(KilnError, match="a mixture needs one tokenizer"):
         shard_loader(cfg, split="train", micro_batch=2, dp_rank=0, dp_size=1, vocab_size=512)
 
@@ -325,7 +325,7 @@ def test_dp2_to_dp4_resume_loses_and_repeats_no_window(tmp_path):
     per step exactly the windows of an uninterrupted DP=2 run (and of a DP=1 run, in global order)."""
     a = _make(tmp_path, "a")
     cfg = _cfg(None, num_workers=1, document_mask=True,
-               mixture=[{"path": a, "weight": 2.0}, {"path": _make(tmp_path, "b", "xyz", seed=1), "weight": 1.0}])
+               mixture=[DatasetSource(a, 2.0), DatasetSource(_make(tmp_path, "b", "xyz", seed=1), 1.0)])
     steps, k = 8, 3
     full, _ = _run_ranks(cfg, 2, 2 * steps)
     first, saved = _run_ranks(cfg, 2, 2 * k)

@@ -106,3 +106,40 @@ def test_resuming_onto_another_data_source_is_a_clear_error(tmp_path):
     loader = MarkovLoader(MarkovSource(8, 0), seq_len=4, micro_batch=1, seed=0, dp_rank=0, dp_size=1, split="train")
     with pytest.raises(KilnError, match="data.synthetic=markov"):
         loader.load_state_dict({"windows": 3, "consumed": [3]})
+
+
+def test_train_step_reads_the_device_once(monkeypatch, tmp_path):
+    """The step keeps losses and the gradient norm on the device: outside the optimizer its one host read
+    is the finiteness flag (four micro-batches, clipping active); the interval mean equals the steps'."""
+    from kiln.model import Transformer
+    from kiln.parallel import setup_parallel
+    from kiln.train import train_step
+
+    cfg = _cfg(tmp_path, "data.seq_len=16", "train.micro_batch=2", "optim.grad_clip=1e-3")
+    rt = setup_parallel(cfg, Transformer(cfg.model), 1, 0)
+    rt.build_optimizers(lambda part: torch.optim.AdamW(part.parameters(), lr=1e-3))
+    batches = iter(build_loader(cfg, "train", 0, 1))
+    reads, in_optimizer, real_step = [], [], rt.optimizer_step
+
+    def optimizer_step():  # torch's AdamW reads its CPU step counters: the optimizer's business, not the loop's
+        in_optimizer.append(True)
+        real_step()
+        in_optimizer.pop()
+
+    rt.optimizer_step = optimizer_step
+    for name in ("__bool__", "__float__", "__int__", "item", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *a, _real=real, _name=name, **k):
+            if not in_optimizer:
+                reads.append(_name)
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    results = [train_step(rt, batches, 4, cfg.optim.grad_clip) for _ in range(3)]
+    monkeypatch.undo()
+    assert reads == ["__bool__"] * 3, reads
+    assert all(r.loss.requires_grad is False and r.loss.dim() == 0 for r in results)
+    assert all(float(r.grad_norm) > cfg.optim.grad_clip for r in results)  # clipping was active
+    window = torch.stack([r.loss for r in results]).mean()
+    assert float(rt.reduce_mean(window)) == pytest.approx(sum(float(r.loss) for r in results) / 3)

@@ -172,17 +172,9 @@ def _compact(offsets: np.ndarray):
 
 
 def _dataset_entries(data_cfg) -> list[tuple[str, float]]:
+    """(path, weight) per dataset; kiln.config checked a mixture's paths and weights when it loaded."""
     if data_cfg.mixture:
-        entries = []
-        for i, item in enumerate(data_cfg.mixture):
-            get = item.get if isinstance(item, dict) else (lambda k, d=None, it=item: getattr(it, k, d))
-            path, weight = get("path"), float(get("weight", 1.0))
-            if not path or path == "???":
-                raise KilnError(f"config error: data.mixture.{i}.path: missing")
-            if not weight > 0:
-                raise KilnError(f"config error: data.mixture.{i}.weight: must be positive, got {weight}")
-            entries.append((str(path), weight))
-        return entries
+        return [(str(item.path), float(item.weight)) for item in data_cfg.mixture]
     if not data_cfg.path:
         raise KilnError("config error: data.path: not set (a `kiln data prepare` output directory)")
     return [(str(data_cfg.path), 1.0)]
