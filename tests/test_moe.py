@@ -229,3 +229,11 @@ def test_hf_export_refuses_what_mixtral_cannot_hold(extra, key):
     assert hf_family(moe_cfg().model) == "mixtral"
     with pytest.raises(KilnError, match=key):
         hf_family(moe_cfg(extra).model)
+
+
+def test_megatron_export_of_a_moe_model_is_refused():
+    from kiln.convert.convert import refuse_unexportable
+    from kiln.errors import KilnError
+
+    with pytest.raises(KilnError, match="model.moe"):
+        refuse_unexportable(moe_cfg().model, "megatron")
