@@ -57,6 +57,8 @@ def test_resume_under_another_layout_continues_exactly(tmp_path, saved, resumed)
     _interrupt_after(tmp_path / "full", tmp_path / "resumed", 2)
     cont = _train(resumed, tmp_path / "resumed")
     assert sorted(cont) == [3, 4]
+    for row in (*full.values(), *cont.values()) if "moe" in saved else ():  # averaged over replicas once
+        assert sum(row["moe_load"]) == pytest.approx(1.0, abs=1e-4) and row["moe_aux_loss"] > 0
     for step in (3, 4):
         assert cont[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5), (step, cont[step], full[step])
         assert cont[step]["tokens"] == full[step]["tokens"]

@@ -237,3 +237,15 @@ def test_megatron_export_of_a_moe_model_is_refused():
 
     with pytest.raises(KilnError, match="model.moe"):
         refuse_unexportable(moe_cfg().model, "megatron")
+
+
+def test_estimate_prices_active_parameters_and_stores_all():
+    from kiln.planner.estimate import estimate
+
+    moe, dense = moe_cfg(), load_config([], BASE)
+    got, ref = estimate(moe, "h100", 8), estimate(dense, "h100", 8)
+    assert got["params"] == count_params(moe.model) > got["active_params"] == count_params(moe.model, active=True)
+    # cost follows active FLOPs; weights memory follows all parameters
+    assert got["gpu_hours"] / ref["gpu_hours"] == pytest.approx(
+        flops_per_token(moe.model, 8) / flops_per_token(dense.model, 8), rel=1e-9)
+    assert got["memory_breakdown_gib"]["weights"] > ref["memory_breakdown_gib"]["weights"]
