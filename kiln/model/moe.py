@@ -33,12 +33,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned rows; on CUDA it is a bf16 kernel (sm90+)."""
+    """torch._grouped_mm needs 16-byte aligned rows and one dtype; on CUDA (and under torch.compile)
+    it is a bf16 kernel (sm90+ on CUDA)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
         return False
-    if x.device.type not in ("cpu", "cuda"):
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its meta kernel accepts bf16 only
+        return False
+    if x.device.type not in ("cpu", "cuda") or x.dtype != w.dtype:  # autocast does not cover it
         return False
     width = x.element_size()
     return all((n * width) % 16 == 0 for n in (w.shape[1], w.shape[2]))
