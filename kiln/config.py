@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -233,7 +233,8 @@ class ParallelConfig:
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
     pp_virtual_stages: int = ranged(1, 1, 4096)  # stages per rank (interleaved schedules need > 1)
     activation_checkpoint: str = one_of("none", "selective", "full")
-    compile: bool = False
+    # auto: per-block torch.compile on CUDA, eager on CPU (see kiln.parallel.parallelize.compile_enabled)
+    compile: Union[bool, str] = field(default="auto", metadata={"check": Check(choices=("auto", True, False))})
     reshard_after_forward: bool = True
     mixed_precision: str = one_of("auto", "bf16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
     zero_stage: int = ranged(1, 0, 3)  # deepspeed engine only
@@ -303,6 +304,10 @@ class TrainConfig:
     eval_steps: int = ranged(4, 0)
     max_time_s: Optional[float] = ranged(None, 0, lo_open=True)  # stop (with a checkpoint) after this long
     noise_scale: bool = False  # log the gradient noise scale (kiln/noise_scale.py); needs grad accumulation
+    # batch-size ramp-up (kiln/batch_ramp.py): the first step's global batch, growing linearly over
+    # batch_ramp_tokens consumed tokens to global_batch_tokens; None: no ramp
+    batch_ramp_start_tokens: Optional[int] = ranged(None, 1)
+    batch_ramp_tokens: Optional[int] = ranged(None, 1)
 
 
 @dataclass

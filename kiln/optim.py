@@ -10,15 +10,22 @@ from kiln.config import OptimConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, distributed: bool) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (norm gains are not decayed).
-
-    `fused` auto uses the fused kernel where the device has one (CUDA; CPU for a plain
-    single-process model), the foreach kernel otherwise (DTensor shards on CPU)."""
+    """AdamW with weight decay on matrices only (norm gains are not decayed), in the kernel
+    `fused_adamw` picks."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = {"on": True, "off": False}.get(cfg.fused, device.type == "cuda" or not distributed)
+    fused = fused_adamw(cfg.fused, device, distributed)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+
+
+def fused_adamw(mode: str, device: torch.device, distributed: bool) -> bool:
+    """`optim.fused`: on/off as given; `auto` takes the fused kernel where the device has one for
+    these parameters (CUDA, sharded or not; CPU for a plain single-process model) and the foreach
+    kernel otherwise (DTensor shards on CPU)."""
+    if mode == "auto":
+        return device.type == "cuda" or not distributed
+    return mode == "on"
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -131,6 +131,7 @@ def _keep_tokenizer(cfg: Config, run_dir: Path, resuming: bool) -> None:
 
 def train(cfg: Config) -> dict:
     """Run (or resume) training to cfg.train.steps. Returns a summary for the caller."""
+    from kiln.batch_ramp import batch_ramp
     from kiln.distributed.signals import install_requeue_handler
     from kiln.parallel import setup_parallel
 
@@ -152,55 +153,27 @@ def train(cfg: Config) -> dict:
         model = Transformer(cfg.model)
     rt = setup_parallel(cfg, model, info.world_size, rank)
     del model  # pipeline stages may share its (now sharded) parameters; keep no full-size copy alive
-    resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
-    if cfg.checkpoint.resume and resume_from is None and ckpt.has_checkpoints():
-        raise KilnError(f"{ckpt.dir}: no checkpoint there is whole ({'; '.join(ckpt.rejected)}); move them away "
-                        f"to start over, or set checkpoint.resume=false")
-    if resume_from is None and cfg.checkpoint.init_from:
-        # Weights only, before any optimizer exists: DeepSpeed copies them into its fp32 master here.
-        from kiln.checkpoint.kiln_format import resolve_step_dir
-
-        init_dir = resolve_step_dir(Path(cfg.checkpoint.init_from))
-        ckpt.load_weights(init_dir, rt.model_parts, config_hash(cfg))
-        if rank == 0:
-            print(f"initialized weights from {init_dir} (weights only: the optimizer state is reset and "
-                  f"training starts at step 0)", flush=True)
+    resume_from = _resume_point(cfg, ckpt, rt, rank)
     rt.build_optimizers(lambda part: build_optimizer(part, cfg.optim, rt.device, distributed=info.world_size > 1))
-    accum = grad_accum_steps(cfg, rt.dp_size)
-    step_tokens = tokens_per_step(cfg, rt.dp_size)
+    accum, step_tokens = grad_accum_steps(cfg, rt.dp_size), tokens_per_step(cfg, rt.dp_size)
+    ramp = batch_ramp(cfg, rt.dp_size)  # None, or micro-steps per step growing with tokens consumed
     if resume_from is not None:
-        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens)
-
+        check_resume(cfg, resume_from, read_meta(resume_from), step_tokens,
+                     tokens_at=ramp.tokens_after if ramp else None)
     noise = None
     if cfg.train.noise_scale:
         from kiln.noise_scale import NoiseScale
 
-        noise = NoiseScale(accum, micro_step_tokens(cfg, rt.dp_size), step_tokens,
-                           cfg.parallel.engine)
+        noise = NoiseScale(accum, micro_step_tokens(cfg, rt.dp_size), step_tokens, cfg.parallel.engine)
     train_loader = build_loader(cfg, "train", rt.dp_rank, rt.dp_size)
-    val_loader = None
-    step, tokens, last_saved = 0, 0, None
-    if resume_from is not None:
-        meta = ckpt.load(resume_from, rt, config_hash(cfg))
-        step, tokens = meta["step"], meta["tokens"]
-        last_saved = step  # already on disk: finishing a finished run must not rewrite it
-        states = meta.get("data_state") or {}
-        if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
-            train_loader.load_state_dict(states[str(rt.dp_rank)])
-        elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
-            train_loader.load_state_dict(train_loader.remap_state(states, rt.dp_rank, rt.dp_size))
-        if rank == 0:
-            fresh = " (weights only: the optimizer state is reset)" if meta.get("model_only") else ""
-            print(f"resumed from {resume_from} at step {step}{fresh}", flush=True)
+    step, tokens = _restore(ckpt, resume_from, rt, train_loader, cfg, rank) if resume_from else (0, 0)
+    last_saved = step if resume_from else None  # already on disk: finishing a finished run must not rewrite it
 
-    fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = device_peak_flops(rt.device)
     logger = MetricsLogger(run_dir, cfg.train.steps, step, cfg.logging.tensorboard,
                            cfg.logging.progress, cfg=cfg) if rank == 0 else None
-    stop = install_requeue_handler()
-    start_time = last_log_time = time.time()
-    last_log_step, stopped_early = step, False
-    batches = iter(train_loader)
+    interval = Interval(rt, step, tokens, flops_per_token(cfg.model, cfg.data.seq_len), info.world_size)
+    stop, vote, val_loader = install_requeue_handler(), StopVote(), None
+    start_time, stopped_early, batches = time.time(), False, iter(train_loader)
     if rank == 0:
         print(f"run directory: {run_dir}", flush=True)
 
@@ -211,41 +184,28 @@ def train(cfg: Config) -> dict:
             ckpt.save(at_step, rt, meta, train_loader.state_dict(), rt.dp_rank, to_yaml(cfg))
             last_saved = at_step
 
-    vote = StopVote()
-    window_loss, window_steps, last = None, 0, None
     try:
         while step < cfg.train.steps:
             lr = lr_at(step, cfg.train.steps, cfg.optim)
             set_lr(rt.optimizers, lr)
+            if ramp:
+                accum = ramp.accum_at(tokens)
+                step_tokens = accum * ramp.micro_tokens
             try:
-                last = train_step(rt, batches, accum, cfg.optim.grad_clip, noise)
+                result = train_step(rt, batches, accum, cfg.optim.grad_clip, noise)
             except NonFiniteGradient as exc:
                 raise NonFiniteLoss(f"{exc} at step {step + 1}; stopped before the optimizer step; last good "
                                     f"checkpoint: {ckpt.find_resumable() or 'none'}") from None
-            step += 1
-            tokens += step_tokens
-            if last.loss is not None:
-                window_loss = last.loss.detach() if window_loss is None else window_loss + last.loss.detach()
-            window_steps += 1
+            step, tokens = step + 1, tokens + step_tokens
+            interval.add(result)
             ckpt.poll()
             if logger:
                 logger.advance()
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
-                # The interval's mean loss, reduced over DP once per interval (the logging sync).
-                loss = float(rt.reduce_mean(None if window_loss is None else window_loss / window_steps))
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(f"non-finite loss {loss} in steps {step - window_steps + 1}-{step}; last "
-                                        f"good checkpoint: {ckpt.find_resumable() or 'none'}")
-                window_loss, window_steps = None, 0
-                moe = moe_metrics(cfg, rt)
-                now = time.time()
-                tps = (step - last_log_step) * step_tokens / max(now - last_log_time, 1e-9)
+                record = interval.close(step, tokens, ckpt)  # the logging sync: one DP reduction
+                moe = moe_metrics(cfg, rt)  # collective: every rank
                 if logger:
-                    logger.log({"step": step, "tokens": tokens, "loss": loss, "lr": lr,
-                                "grad_norm": float(last.grad_norm), "tokens_per_s": tps,
-                                "mfu": mfu(tps, fpt, info.world_size, peak), **(noise.metrics() if noise else {}),
-                                **moe})
-                last_log_step, last_log_time = step, now
+                    logger.log({**record, "lr": lr, **(noise.metrics() if noise else {}), **moe})
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 if val_loader is None:  # built once: shards are indexed and verified once per run
                     val_loader = _val_loader(cfg, rt)
@@ -291,6 +251,68 @@ def moe_metrics(cfg: Config, rt) -> dict:
     mean = (total / (replicas * cfg.model.n_moe_layers)).tolist()
     return {"moe_aux_loss": mean[0], "moe_z_loss": mean[1], "moe_load_max": max(mean[2:]) * cfg.model.moe.n_experts,
             "moe_load": [round(x, 6) for x in mean[2:]]}
+
+
+def _resume_point(cfg: Config, ckpt: CheckpointManager, rt: Runtime, rank: int) -> Optional[Path]:
+    """The checkpoint to resume from, if any; else the `init_from` weights are loaded (before any
+    optimizer exists: DeepSpeed copies them into its fp32 master when it is built)."""
+    resume_from = ckpt.find_resumable() if cfg.checkpoint.resume else None
+    if cfg.checkpoint.resume and resume_from is None and ckpt.has_checkpoints():
+        raise KilnError(f"{ckpt.dir}: no checkpoint there is whole ({'; '.join(ckpt.rejected)}); move them away "
+                        f"to start over, or set checkpoint.resume=false")
+    if resume_from is None and cfg.checkpoint.init_from:
+        from kiln.checkpoint.kiln_format import resolve_step_dir
+
+        init_dir = resolve_step_dir(Path(cfg.checkpoint.init_from))
+        ckpt.load_weights(init_dir, rt.model_parts, config_hash(cfg))
+        if rank == 0:
+            print(f"initialized weights from {init_dir} (weights only: the optimizer state is reset and "
+                  f"training starts at step 0)", flush=True)
+    return resume_from
+
+
+def _restore(ckpt: CheckpointManager, path: Path, rt: Runtime, loader, cfg: Config, rank: int) -> tuple[int, int]:
+    """Load a checkpoint into the runtime and the loader's position; returns (step, tokens)."""
+    meta = ckpt.load(path, rt, config_hash(cfg))
+    states = meta.get("data_state") or {}
+    if meta.get("dp_size", rt.dp_size) == rt.dp_size and str(rt.dp_rank) in states:
+        loader.load_state_dict(states[str(rt.dp_rank)])
+    elif states:  # a different DP size: the loader maps the old ranks' positions onto the new ranks
+        loader.load_state_dict(loader.remap_state(states, rt.dp_rank, rt.dp_size))
+    if rank == 0:
+        fresh = " (weights only: the optimizer state is reset)" if meta.get("model_only") else ""
+        print(f"resumed from {path} at step {meta['step']}{fresh}", flush=True)
+    return meta["step"], meta["tokens"]
+
+
+class Interval:
+    """What one metrics record says about the steps since the previous one: their mean loss (kept on the
+    device and reduced over DP once, here), the last grad norm, tokens/s and MFU."""
+
+    def __init__(self, rt: Runtime, step: int, tokens: int, flops_per_token: float, world_size: int):
+        self.rt, self.flops_per_token, self.world_size = rt, flops_per_token, world_size
+        self.peak = device_peak_flops(rt.device)
+        self.loss_sum, self.steps, self.last = None, 0, None
+        self.step, self.tokens, self.time = step, tokens, time.time()
+
+    def add(self, result: StepResult) -> None:
+        if result.loss is not None:
+            loss = result.loss.detach()
+            self.loss_sum = loss if self.loss_sum is None else self.loss_sum + loss
+        self.steps, self.last = self.steps + 1, result
+
+    def close(self, step: int, tokens: int, ckpt: CheckpointManager) -> dict:
+        loss = float(self.rt.reduce_mean(None if self.loss_sum is None else self.loss_sum / self.steps))
+        if not math.isfinite(loss):
+            raise NonFiniteLoss(f"non-finite loss {loss} in steps {self.step + 1}-{step}; last good checkpoint: "
+                                f"{ckpt.find_resumable() or 'none'}")
+        now = time.time()
+        tps = (tokens - self.tokens) / max(now - self.time, 1e-9)
+        record = {"step": step, "tokens": tokens, "loss": loss, "grad_norm": float(self.last.grad_norm),
+                  "tokens_per_s": tps, "mfu": mfu(tps, self.flops_per_token, self.world_size, self.peak)}
+        self.loss_sum, self.steps = None, 0
+        self.step, self.tokens, self.time = step, tokens, now
+        return record
 
 
 def _val_loader(cfg: Config, rt):

@@ -138,3 +138,4 @@ def test_hparams_rule_selects_the_plans_batch(capsys):
     assert p["batch_tokens_opt"] == pytest.approx(expect) and p["hparams"]["rule"] == "kaplan"
     assert "Kaplan" in p["hparams"]["source"]
     assert main(["plan", "--flops", "1e21", "--hparams", "porian"]) == 2
+    assert "could not be verified" in capsys.readouterr().err

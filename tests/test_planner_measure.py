@@ -37,11 +37,34 @@ def test_formula_matches_the_measured_step(gpus, extra):
     assert 0.97 * measured["total"] <= formula["total"] <= 1.12 * measured["total"], (formula, measured)
 
 
-def test_measure_refuses_what_it_cannot_run():
+SUBSET = 6  # FSDP-only layouts from bench/planner_memory.py's seeded 100 (it prints the whole distribution)
+
+
+def test_formula_against_measure_on_seeded_fsdp_layouts():
+    """The issue's goal where the formula meets it today (bench/planner_memory.py: 96% of FSDP-only
+    layouts within 10%; TP, pipelines and DeepSpeed not yet): seeded random FSDP2 layouts (dp_shard,
+    recompute, seq, micro-batch, accumulation) within 10% of `--measure`."""
+    from kiln.planner.layouts import random_layouts
+    from kiln.planner.measure import measure
+
+    picked = [x for x in random_layouts(60, seed=0) if " tp1 pp1 " in f" {x[0]} " and not x[0].startswith("ds-")]
+    ratios = []
+    for label, cfg, gpus in picked[:SUBSET]:
+        measured = measure(cfg, gpus)["total"]
+        formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
+        ratios.append((round(formula / measured, 3), label))
+    assert len(ratios) == SUBSET
+    # 5 of these 6 today (the sixth, tiny activations at s256 b1, peaks at the optimizer step: 0.82)
+    assert sum(0.9 <= r <= 1.1 for r, _ in ratios) >= SUBSET - 1, ratios
+
+
+def test_measure_runs_every_layout_kind_and_refuses_interleaved_stages():
     from kiln.errors import KilnError
     from kiln.planner.measure import measure
 
-    with pytest.raises(KilnError, match="TP combined with FSDP"):
-        measure(load_config([], BASE + ["parallel.tp=2", "parallel.dp_shard=2"]), 4)
-    with pytest.raises(KilnError, match="pipeline"):
-        measure(load_config([], BASE + ["parallel.pp=2", "parallel.dp_shard=1"]), 2)
+    pp = measure(load_config([], BASE + ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch=2"]), 2)
+    assert pp["stage"] == 1  # the last stage (output layer and logits) is the fuller one
+    with pytest.raises(KilnError, match="interleaved"):
+        measure(load_config([], BASE + ["model.n_layers=4", "parallel.pp=2", "parallel.dp_shard=1",
+                                        "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
+                                        "train.micro_batch=2"]), 2)

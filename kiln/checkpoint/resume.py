@@ -26,8 +26,9 @@ def _get(cfg: Config, key: str):
     return getattr(getattr(cfg, section), name)
 
 
-def check_resume(cfg: Config, ckpt: Path, meta: dict, step_tokens: int) -> None:
-    """Refuse (or, with checkpoint.allow_changes, log) a resume whose settings differ from the saved run's."""
+def check_resume(cfg: Config, ckpt: Path, meta: dict, step_tokens: int, tokens_at=None) -> None:
+    """Refuse (or, with checkpoint.allow_changes, log) a resume whose settings differ from the saved run's.
+    `tokens_at(step)`, when given (a batch ramp), is the tokens the first `step` steps consume."""
     step = meta.get("step") or 0
     if cfg.train.steps < step:
         raise KilnError(f"train.steps={cfg.train.steps} is below the step of checkpoint {ckpt} ({step}); "
@@ -42,7 +43,10 @@ def check_resume(cfg: Config, ckpt: Path, meta: dict, step_tokens: int) -> None:
         return
     changes = [f"{key} {_get(saved, key)} -> {_get(cfg, key)}" for key in COMPARED if _get(saved, key) != _get(cfg, key)]
     saved_step_tokens = meta["tokens"] // step if step and meta.get("tokens") else None
-    if saved_step_tokens and saved_step_tokens != step_tokens:
+    if tokens_at is not None:
+        if step and meta.get("tokens") is not None and meta["tokens"] != tokens_at(step):
+            changes.append(f"tokens after step {step} {meta['tokens']} -> {tokens_at(step)} (batch ramp)")
+    elif saved_step_tokens and saved_step_tokens != step_tokens:
         changes.append(f"tokens per step {saved_step_tokens} -> {step_tokens}")
     if cfg.train.steps != saved.train.steps and not changes:
         before, after = lr_at(step, saved.train.steps, saved.optim), lr_at(step, cfg.train.steps, cfg.optim)

@@ -44,7 +44,7 @@ def detect_format(src: Path) -> str:
 
 
 def open_source(src: Path, fmt: Optional[str] = None) -> Source:
-    from kiln.convert import deepspeed, hf, megatron
+    from kiln.convert import deepspeed, hf
 
     fmt = fmt or detect_format(src)
     if fmt == "hf":

@@ -431,7 +431,7 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
     """Write `source` as a Hugging Face Llama, Mistral or Qwen2 directory; returns the files written.
     Special tokens, generation config and tokenizer come from the import the weights started from,
     else from the training data's tokenizer; torch_dtype says how the weights are stored."""
-    cfg, m = source.cfg, source.cfg.model
+    m = source.cfg.model
     family = hf_family(m)  # refuse before writing anything
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = SafetensorsShardWriter(out_dir, parse_size(max_shard_size))

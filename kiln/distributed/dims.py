@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kiln.batch_ramp import batch_ramp
 from kiln.config import Config, grad_accum_steps, pipeline_microbatches, resolve_world, validate
 from kiln.errors import ConfigError
 
@@ -46,6 +47,7 @@ def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
     validate(cfg)
     dims = resolve_world(cfg, world_size)
     grad_accum_steps(cfg, dims["dp_replicate"] * dims["dp_shard"])  # global batch must split over DP
+    batch_ramp(cfg, dims["dp_replicate"] * dims["dp_shard"])  # and so must the ramp's first batch
     p = cfg.parallel
     return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp,
                         virtual_stages=p.pp_virtual_stages if p.pp > 1 else 1,

@@ -9,7 +9,6 @@ kernel on CPU too); `math` is the explicit softmax reference that the others are
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -22,15 +21,22 @@ from kiln.errors import KilnError
 BACKENDS = ATTENTION_BACKENDS  # checked when the config loads; here for configs built in code
 
 
-@functools.lru_cache(maxsize=None)
+_FLASH: dict = {}
+
+
 def flash_attn_module():
-    """flash-attn if installed with its CUDA extension, else None (imported lazily)."""
-    try:
-        import flash_attn  # noqa: F401
-        from flash_attn import flash_attn_func, flash_attn_varlen_func
-    except Exception:
-        return None
-    return flash_attn_func, flash_attn_varlen_func
+    """flash-attn's (func, varlen_func) if installed with its CUDA extension, else None. Imported once,
+    lazily, into a plain dict rather than an lru_cache: torch.compile traces through lru_cache into
+    the import (a graph break in every attention call) but reads a filled dict as a constant, so the
+    model calls this once at construction, before anything is compiled."""
+    if "module" not in _FLASH:
+        try:
+            import flash_attn  # noqa: F401
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+            _FLASH["module"] = (flash_attn_func, flash_attn_varlen_func)
+        except Exception:
+            _FLASH["module"] = None
+    return _FLASH["module"]
 
 
 def flash_usable(device: torch.device, dtype: torch.dtype) -> bool:

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig, RopeScalingConfig
-from kiln.model.attention import alibi_slopes, attended_fraction, attention, pattern_of, resolve_backend
+from kiln.model.attention import (alibi_slopes, attended_fraction, attention, flash_attn_module, pattern_of,
+                                  resolve_backend)
 from kiln.model.moe import GroupedExperts, MoEFeedForward
 
 
@@ -75,11 +76,12 @@ def model_rope_cache(cfg: ModelConfig) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    cos, sin = cache[: x.shape[1], None, :, 0], cache[: x.shape[1], None, :, 1]
-    a, b = pairs[..., 0], pairs[..., 1]
-    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).type_as(x)
+    """Rotate pairs (x[2i], x[2i+1]) of x (batch, seq, heads, head_dim) by position: each pair is the
+    complex number x[2i] + i x[2i+1] times cos + i sin, one complex multiply (a third fewer kernels
+    and no stack copy, against the same product written out in reals)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    rotation = torch.view_as_complex(cache[: x.shape[1]].float())[:, None, :]  # the cache may be cast to bf16
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
 class RMSNorm(nn.Module):
@@ -113,6 +115,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wv = nn.Linear(cfg.d_model, self.n_kv_heads * self.head_dim, bias=qkv_bias)
         self.wo = nn.Linear(self.n_heads * self.head_dim, cfg.d_model, bias=cfg.attention_bias)
+        flash_attn_module()  # the import attempt happens here, eagerly, not inside a compiled forward
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         bsz, seq, _ = x.shape

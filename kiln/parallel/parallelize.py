@@ -23,7 +23,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
     if p.activation_checkpoint != "none":
         apply_activation_checkpointing(model, p.activation_checkpoint)
-    if p.compile:
+    if compile_enabled(p.compile, device):
         for block in model.layers.values():
             block.compile()
     dp_mesh = data_parallel_mesh(mesh)
@@ -41,6 +41,15 @@ def fsdp_options(cfg: Config, device: torch.device) -> dict:
 
     policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(cfg, device), reduce_dtype=torch.float32)
     return {"reshard_after_forward": cfg.parallel.reshard_after_forward, "mp_policy": policy}
+
+
+def compile_enabled(mode: bool | str, device: torch.device) -> bool:
+    """`parallel.compile`: true/false as given; `auto` compiles each block on CUDA, where Inductor's
+    fused kernels (norms, RoPE, SwiGLU) beat eager, and stays eager on CPU, where compiling costs
+    seconds per run for little gain on the matmul-bound step."""
+    if mode == "auto":
+        return device.type == "cuda"
+    return bool(mode)
 
 
 def mixed_precision_dtype(cfg: Config, device: torch.device) -> torch.dtype:
@@ -163,6 +172,11 @@ def _selective_policy():
                  "_scaled_dot_product_cudnn_attention"):
         if hasattr(ops, name):
             save.add(getattr(ops, name).default)
+    for name in ("_flash_attn_forward", "_flash_attn_varlen_forward"):  # flash-attn >= 2.7 registers these
+        try:
+            save.add(getattr(torch.ops.flash_attn, name).default)
+        except (AttributeError, RuntimeError):
+            pass
 
     def policy(ctx, op, *args, **kwargs):
         return CheckpointPolicy.MUST_SAVE if op in save else CheckpointPolicy.PREFER_RECOMPUTE

@@ -107,7 +107,7 @@ def register(subparsers) -> None:
     e.add_argument("--pue", metavar="X", help="data-centre PUE for energy (default: the plan's, else 1.2)")
     e.add_argument("--headroom", metavar="F", default="0.9", help="usable fraction of GPU memory (default 0.9)")
     e.add_argument("--measure", action="store_true", help="also run one real training step of this config for "
-                   "rank 0 on the CPU with fake tensors (no weights allocated) and report its measured peak per "
+                   "rank 0 (and a pipeline's last stage) on the CPU with fake tensors (no weights allocated) and report the measured peak per "
                    "category; the fit decision then uses the measurement (default: formula only)")
     e.add_argument("--json", action="store_true", help="machine-readable output (default: a table)")
     e.set_defaults(func=estimate_command)
@@ -435,6 +435,7 @@ def estimate_command(args) -> int:
         from kiln.planner.memory import GIB
 
         measured = measure(cfg, result["gpus"])
+        result["measured_where"] = {k: int(measured.pop(k)) for k in ("rank", "stage") if k in measured}
         result["measured_gib"] = {k: v / GIB for k, v in measured.items()}
         result["fits"] = measured["total"] <= result["memory_usable_gib"] * GIB
         if not result["fits"]:
@@ -468,7 +469,9 @@ def render_estimate(r: dict) -> str:
     measured = r.get("measured_gib")
     if measured:
         lines[-1] = (f"per-GPU memory (GiB), {r['memory_usable_gib']:.1f} usable: formula | measured peak "
-                     f"(one fake-tensor training step of rank 0)")
+                     f"(one fake-tensor training step of rank {r.get('measured_where', {}).get('rank', 0)}"
+                     + (f", pipeline stage {r['measured_where']['stage']})" if r.get("measured_where", {}).get("stage")
+                        else ")"))
     for k, v in r["memory_breakdown_gib"].items():
         lines.append(f"  {k:<13}{v:10.2f}" + (f"   {measured['total']:10.2f}" if measured and k == "total" else ""))
     if measured:

@@ -102,6 +102,10 @@ def hyperparameters(rule: str, m: ModelConfig, seq_len: int, params: float, toke
     from kiln.errors import KilnError
     from kiln.planner.laws import LAWS
 
+    if rule == "porian":
+        raise KilnError("--hparams porian: not offered; Porian et al. 2024's fitted LR and batch constants "
+                        "could not be verified from a source here, and kiln does not invent them "
+                        f"(known: {', '.join(HPARAM_RULES)})")
     if rule not in HPARAM_RULES:
         raise KilnError(f"--hparams: unknown rule {rule!r}; known: {', '.join(HPARAM_RULES)}")
     c = deepseek_compute(m, seq_len, tokens)

@@ -90,6 +90,29 @@ ACT_NONE, ACT_SELECTIVE, ACT_FULL = 50.0, 25.0, 2.5
 LOGITS_BYTES = 12.0
 
 
+# DeepSpeed ZeRO allocates its gradient reduce bucket at full size, reduce_bucket_size (5e8 elements
+# by default, kiln does not change it) x 2 bytes (bf16), even for a model smaller than the bucket.
+DEEPSPEED_REDUCE_BUCKET = 5e8 * 2
+# Pipeline last stage: the logits peak measured 16 s b V bytes (the schedule also keeps the stage's
+# output and the loss's fp32 input until backward), against 12 without a pipeline.
+LOGITS_BYTES_PIPELINE = 16.0
+# DeepSpeed: the engine returns bf16 logits (no fp32 output cast as FSDP2's policy has); measured
+# 4-6 s b V at the peak, 6 taken.
+LOGITS_BYTES_DEEPSPEED = 6.0
+
+
+def logits_bytes(layout: Layout) -> float:
+    """Bytes per logit (s b V) at the loss, as measured. Under kiln's TP the logits stay vocab-sharded
+    into `loss_parallel`, yet the measured peak shrinks far less than 1/t (about 10.5 s b V at t=2
+    and 10 at t=4): the fp32 upcast and log-softmax work on gathered rows. Fitted: 9 + 3/t."""
+    if layout.engine == "deepspeed":
+        return LOGITS_BYTES_DEEPSPEED
+    base = LOGITS_BYTES_PIPELINE if layout.pp > 1 else LOGITS_BYTES
+    if layout.tp > 1 and layout.engine == "native":
+        return base - 3.0 + 3.0 / layout.tp  # TPFIT
+    return base
+
+
 def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, tp: int,
                                sequence_parallel: bool, checkpoint: str, flash: bool = True) -> float:
     """Korthikanti et al. 2022, Table 2's structure with kiln's measured constants (ACT_*): the
@@ -117,6 +140,8 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     z, shard = layout.zero, layout.shard
     native = layout.engine == "native"
     weights = (4 if native else 2) * p / (shard if z >= 3 else 1)
+    if not native:
+        grad_bytes = 2  # DeepSpeed bf16: gradients in the parameters' dtype (measured 2 B/param)
     grads = grad_bytes * p / (shard if z >= 2 else 1)
     optimizer = (8 if native else 12) * p / (shard if z >= 1 else 1)
 
@@ -133,10 +158,15 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     activations = layers * per_layer * in_flight
     if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
         activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none", flash)
-    logits = LOGITS_BYTES * seq_len * b * m.vocab_size / t
+    logits = seq_len * b * m.vocab_size * logits_bytes(layout)
 
     layer_p = layer_matrix_params(m) / t
-    comm = (2 * 2 * layer_p + 4 * layer_p) if z >= 3 and shard > 1 else (DDP_BUCKETS if layout.dp > 1 else 0)
+    if not native and z >= 1:
+        comm = DEEPSPEED_REDUCE_BUCKET
+    elif z >= 3 and shard > 1:
+        comm = 2 * 2 * layer_p + 4 * layer_p
+    else:
+        comm = DDP_BUCKETS if layout.dp > 1 else 0
     sbh2 = 2 * seq_len * b * m.d_model
     comm += (sbh2 if t > 1 else 0) + (2 * sbh2 if layout.pp > 1 else 0)
     terms = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,

@@ -64,3 +64,31 @@ def plot_fit(points, law: ParametricLaw, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_memory_layouts(rows: list[dict], path: str, title: str) -> None:
+    """One stacked bar per layout: the formula's per-GPU terms (kiln/planner/memory.py), in GiB, with
+    the `--measure` peak of the same layout as a black marker when it was measured."""
+    plt = _pyplot()
+    terms = ["weights", "grads", "optimizer", "activations", "logits", "comm_buffers"]
+    fig, ax = plt.subplots(figsize=(11, 5))
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for term in terms:
+        values = np.array([r["formula"].get(term, 0.0) for r in rows]) / 2 ** 30
+        ax.bar(x, values, bottom=bottom, label=term, width=0.7)
+        bottom += values
+    totals = np.array([r["formula"]["total"] for r in rows]) / 2 ** 30
+    ax.scatter(x, totals, marker="_", s=600, color="grey", label="formula peak (terms live at once)", zorder=3)
+    measured = [(i, r["measured"]) for i, r in enumerate(rows) if r.get("measured")]
+    if measured:
+        ax.scatter([i for i, _ in measured], [m / 2 ** 30 for _, m in measured], marker="D", color="black",
+                   label="--measure peak", zorder=4)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r["label"] for r in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("GiB per GPU")
+    ax.set_title(title)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
