@@ -124,6 +124,22 @@ class AttentionPatternConfig:
 
 
 @dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward (kiln.model.moe): each MoE layer routes every token to
+    top_k of n_experts SwiGLU experts (each of the dense ffn_hidden width) plus shared_experts
+    always-on ones (DeepSeek-MoE). Layer i is MoE when (i + 1) % every_n_layers == 0 (Qwen's
+    decoder_sparse_step); 1 makes every layer MoE (Mixtral)."""
+
+    n_experts: int = ranged(8, 2, 4096)
+    top_k: int = ranged(2, 1, 4096)
+    capacity_factor: Optional[float] = ranged(None, 0, 1024, lo_open=True)  # None: dropless
+    shared_experts: int = ranged(0, 0, 64)
+    aux_loss_weight: float = ranged(0.01, 0, 100)  # load balancing (Switch), per sequence
+    z_loss_weight: float = ranged(0.001, 0, 100)  # router z-loss (ST-MoE)
+    every_n_layers: int = ranged(1, 1, 4096)
+
+
+@dataclass
 class ModelConfig:
     name: str = "tiny"
     vocab_size: int = ranged(512, 1, 2 ** 24)
@@ -147,6 +163,7 @@ class ModelConfig:
     attention_window: Optional[int] = ranged(None, 1, 2 ** 24)  # sliding window: a query sees this many keys, itself included
     attention_pattern: Optional[AttentionPatternConfig] = None  # None: dense (see docs/training.md)
     position: str = one_of("rope", "alibi")  # alibi: per-head linear distance biases (Press et al.), no RoPE
+    moe: Optional[MoEConfig] = None  # None: dense SwiGLU in every layer
 
     # Shape facts, resolved once here so the model, planner, converters and checks agree.
     @property
@@ -177,6 +194,22 @@ class ModelConfig:
         n += 2 * f + d if self.mlp_bias else 0
         return n
 
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe is not None and (layer + 1) % self.moe.every_n_layers == 0
+
+    @property
+    def n_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.n_layers))
+
+    def layer_params(self, layer: int, active: bool = False) -> int:
+        """Parameters of block `layer`: a MoE block has a router and n_experts (active: top_k)
+        routed experts plus its shared ones in place of the dense SwiGLU."""
+        if not self.is_moe_layer(layer):
+            return self.params_per_layer
+        mlp = 3 * self.d_model * self.ffn_hidden
+        experts = (self.moe.top_k if active else self.moe.n_experts) + self.moe.shared_experts
+        return self.params_per_layer - mlp + experts * mlp + self.d_model * self.moe.n_experts
+
     def tp_conflict(self, tp: int) -> Optional[str]:
         """Why tensor parallelism of degree `tp` cannot split this model, or None if it can."""
         for what, n in (("model.n_heads", self.n_heads), ("model.n_kv_heads", self.kv_heads),
@@ -195,6 +228,7 @@ class ParallelConfig:
     dp_shard: int = ranged(-1, -1, BIG)  # -1: the rest of the world
     tp: int = ranged(1, 1, 4096)
     cp: int = ranged(1, 1, 4096)  # context parallel: the sequence split over cp ranks (ring attention)
+    ep: int = ranged(1, 1, 4096)  # expert parallel: MoE experts sharded over ep ranks taken from dp_shard
     sequence_parallel: bool = True  # only meaningful with tp > 1
     pp_schedule: str = one_of(*PP_SCHEDULES)
     pp_microbatches: Optional[int] = ranged(None, 1, BIG)  # None: equal to pp
@@ -516,6 +550,8 @@ def config_hash(cfg: Config) -> str:
     variant = (m.dim_per_head, m.attention_bias, m.qkv_bias, m.mlp_bias)
     if variant != (m.d_model // m.n_heads, False, False, False):  # older hashes stay valid
         shape += variant
+    if m.moe is not None:  # routing knobs (weights, capacity) may change; the expert layout may not
+        shape += ("moe", m.moe.n_experts, m.moe.shared_experts, m.moe.every_n_layers)
     return hashlib.sha256(repr(shape).encode()).hexdigest()[:16]
 
 
@@ -542,6 +578,7 @@ def validate(cfg: Config) -> None:
         _check(m.attention_window is None, "model.attention_window",
                "set either a sliding window or model.attention_pattern, not both")
     _check(m.n_heads % m.kv_heads == 0, "model.n_kv_heads", f"{m.kv_heads} must divide model.n_heads={m.n_heads}")
+    _validate_moe(cfg)
     _check(cfg.parallel.dp_shard != 0, "parallel.dp_shard", "must be >= 1, or -1 for the rest of the world")
     _validate_layout(cfg)
     d = cfg.data
@@ -556,6 +593,28 @@ def validate(cfg: Config) -> None:
     _check(t.eval_steps >= 1 or t.eval_every == 0, "train.eval_steps", "must be >= 1 when train.eval_every > 0")
     _validate_trackers(cfg)
     _validate_cluster(cfg)
+
+
+def _validate_moe(cfg: Config) -> None:
+    m, p = cfg.model, cfg.parallel
+    if m.moe is None:
+        _check(p.ep == 1, "parallel.ep", f"{p.ep} needs a MoE model (set model.moe.n_experts)")
+        return
+    e = m.moe
+    _check(e.top_k <= e.n_experts, "model.moe.top_k", f"{e.top_k} exceeds model.moe.n_experts={e.n_experts}")
+    _check(e.every_n_layers <= m.n_layers, "model.moe.every_n_layers",
+           f"{e.every_n_layers} exceeds model.n_layers={m.n_layers}: no layer would be MoE")
+    _check(not m.mlp_bias, "model.mlp_bias", "MoE experts have no biases; unset model.mlp_bias")
+    _check(p.tp == 1 or p.init != "sharded", "parallel.init",
+           "sharded initialization gives each TP rank its own copy of the MoE router and experts (tp > 1 "
+           "replicates them); use parallel.init=full or auto")
+    if p.ep > 1:
+        _check(e.n_experts % p.ep == 0, "parallel.ep", f"{p.ep} does not divide model.moe.n_experts={e.n_experts}")
+        _check(p.engine == "native", "parallel.ep", "expert parallelism needs parallel.engine=native")
+        _check(p.dp_replicate == 1, "parallel.ep", "expert parallelism borrows ranks from dp_shard; "
+               "leave parallel.dp_replicate=1")
+        _check(p.dp_shard == -1 or p.dp_shard % p.ep == 0, "parallel.ep",
+               f"{p.ep} does not divide parallel.dp_shard={p.dp_shard} (ep borrows data-parallel ranks)")
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -651,6 +710,8 @@ def _validate_context_parallel(cfg: Config) -> None:
            "sliding windows are not supported with parallel.cp > 1")
     _check(m.attention_pattern is None or m.attention_pattern.kind == "dense", "model.attention_pattern",
            "block-sparse attention is not supported with parallel.cp > 1")
+    _check(m.moe is None, "model.moe", "MoE is not supported with parallel.cp > 1 yet (its per-sequence "
+           "balance loss would see only each rank's chunks, and experts are not sharded over cp)")
 
 
 # What a cluster field may hold: each is written on an `#SBATCH` line (sbatch splits those itself;
@@ -694,6 +755,8 @@ def resolve_world(cfg: Config, world_size: int) -> dict[str, int]:
     _check(fixed * dp_shard == world_size, "parallel",
            f"pp*dp_replicate*dp_shard*cp*tp = {p.pp}*{p.dp_replicate}*{dp_shard}*{p.cp}*{p.tp} = {fixed * dp_shard} "
            f"!= world size {world_size}")
+    _check(dp_shard % p.ep == 0, "parallel.ep", f"{p.ep} does not divide dp_shard={dp_shard} "
+           f"(ep borrows data-parallel ranks)")
     return {"pp": p.pp, "dp_replicate": p.dp_replicate, "dp_shard": dp_shard, "cp": p.cp, "tp": p.tp}
 
 

@@ -203,8 +203,9 @@ def train(cfg: Config) -> dict:
                 logger.advance()
             if step % cfg.logging.log_every == 0 or step == cfg.train.steps:
                 record = interval.close(step, tokens, ckpt)  # the logging sync: one DP reduction
+                moe = moe_metrics(cfg, rt)  # collective: every rank
                 if logger:
-                    logger.log({**record, "lr": lr, **(noise.metrics() if noise else {})})
+                    logger.log({**record, "lr": lr, **(noise.metrics() if noise else {}), **moe})
             if cfg.train.eval_every and (step % cfg.train.eval_every == 0 or step == cfg.train.steps):
                 if val_loader is None:  # built once: shards are indexed and verified once per run
                     val_loader = _val_loader(cfg, rt)
@@ -230,6 +231,26 @@ def train(cfg: Config) -> dict:
         print(f"done: step {step}, {tokens:,} tokens in {summary['seconds']:.1f}s; run directory: {run_dir}",
               flush=True)
     return summary
+
+
+def moe_metrics(cfg: Config, rt) -> dict:
+    """The MoE layers' balance loss, z-loss and per-expert load (share of the top-k assignments) from
+    the last micro-batch, averaged over layers and data-parallel replicas; {} for a dense model.
+    Collective: every rank calls it at the same step."""
+    if cfg.model.moe is None:
+        return {}
+    from kiln.model.moe import local_moe_stats
+
+    width = 2 + cfg.model.moe.n_experts
+    stats = local_moe_stats(rt.model_parts)
+    total = torch.zeros(width, dtype=torch.float64) if stats is None else stats.cpu()
+    replicas = 1
+    if dist.is_initialized():  # each layer lives on one pipeline stage, replicated world/pp times
+        dist.all_reduce(total)
+        replicas = dist.get_world_size() // cfg.parallel.pp
+    mean = (total / (replicas * cfg.model.n_moe_layers)).tolist()
+    return {"moe_aux_loss": mean[0], "moe_z_loss": mean[1], "moe_load_max": max(mean[2:]) * cfg.model.moe.n_experts,
+            "moe_load": [round(x, 6) for x in mean[2:]]}
 
 
 def _resume_point(cfg: Config, ckpt: CheckpointManager, rt: Runtime, rank: int) -> Optional[Path]:

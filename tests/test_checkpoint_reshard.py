@@ -21,6 +21,9 @@ LAYOUTS = {
     "pp2": (2, ["parallel.pp=2", "parallel.dp_shard=1", "parallel.pp_schedule=1f1b"]),
     "dp4": (4, ["parallel.dp_shard=4"]),
     "zero2": (2, ["parallel.engine=deepspeed", "parallel.zero_stage=2", "parallel.dp_shard=2"]),
+    # MoE: experts split over ep=2 (all-to-all) -> experts FSDP-sharded like the rest
+    "ep2_moe": (2, ["model.moe.n_experts=4", "parallel.ep=2", "parallel.dp_shard=2"]),
+    "fsdp2_moe": (2, ["model.moe.n_experts=4", "parallel.dp_shard=2"]),
 }
 
 
@@ -47,18 +50,21 @@ def _interrupt_after(src: Path, dst: Path, step: int) -> None:
     (dst / "default" / "metrics.jsonl").write_text("")
 
 
-@pytest.mark.parametrize("saved,resumed", [("tp2", "fsdp2"), ("pp2", "single"), ("fsdp2", "dp4")])
+@pytest.mark.parametrize("saved,resumed", [("tp2", "fsdp2"), ("pp2", "single"), ("fsdp2", "dp4"),
+                                           ("ep2_moe", "fsdp2_moe")])
 def test_resume_under_another_layout_continues_exactly(tmp_path, saved, resumed):
     full = _train(saved, tmp_path / "full")
     _interrupt_after(tmp_path / "full", tmp_path / "resumed", 2)
     cont = _train(resumed, tmp_path / "resumed")
     assert sorted(cont) == [3, 4]
+    for row in (*full.values(), *cont.values()) if "moe" in saved else ():  # averaged over replicas once
+        assert sum(row["moe_load"]) == pytest.approx(1.0, abs=1e-4) and row["moe_aux_loss"] > 0
     for step in (3, 4):
         assert cont[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-5), (step, cont[step], full[step])
         assert cont[step]["tokens"] == full[step]["tokens"]
     meta = json.loads((tmp_path / "resumed" / "default" / "checkpoints" / "step_00000004" / "meta.json").read_text())
     # every new DP rank's loader continued from the same global position: 4 steps x 4 micro-batches
-    nranks = {"fsdp2": 2, "dp4": 4, "single": 1}[resumed]
+    nranks = {"fsdp2": 2, "dp4": 4, "single": 1, "fsdp2_moe": 2}[resumed]
     assert {int(s["batches_yielded"]) * nranks for s in meta["data_state"].values()} == {16}
 
 

@@ -1,6 +1,6 @@
 """Real checkpoint families through kiln: Llama 3.x (llama3 RoPE scaling), Llama's bias and head_dim
-options, Mistral (sliding window, explicit head_dim), Qwen2 (q/k/v biases, tied) and linear/YaRN
-RoPE scaling. Oracle: transformers' own modeling code. A tiny random-weight model of each family
+options, Mistral (sliding window, explicit head_dim), Qwen2 (q/k/v biases, tied), Mixtral (MoE in
+every layer) and linear/YaRN RoPE scaling. Oracle: transformers' own modeling code. A tiny random-weight model of each family
 (its architecture fields copied from the real model's config.json, cited below) is imported, must
 give transformers' logits at length 64 and 1024, and exports back to a checkpoint transformers
 loads as the same class with every math-changing config field intact."""
@@ -58,6 +58,12 @@ CASES = {
                                        tie_word_embeddings=False, max_position_embeddings=131072,
                                        rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1000000.0,
                                                         "original_max_position_embeddings": 32768})),
+    # mistralai/Mixtral-8x7B-v0.1 config.json: num_local_experts 8, num_experts_per_tok 2, rope_theta 1e6,
+    # heads 32 / kv 8, rms 1e-5, sliding_window null, router_aux_loss_coef 0.02. Tiny: 4 experts, top 2.
+    "mixtral": ("MixtralConfig", dict(num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                      num_experts_per_tok=2, rms_norm_eps=1e-5, sliding_window=None,
+                                      router_aux_loss_coef=0.02, max_position_embeddings=32768,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})),
 }
 # config.json keys that do not change the model's function (everything else must survive a round trip)
 NOT_MATH = {"architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path", "bos_token_id",

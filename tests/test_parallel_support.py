@@ -52,11 +52,13 @@ def make_adamw(module, cfg):
 def reference_run(cfg, dp: int) -> dict:
     """Single process, full global batch: first-step loss and grads, then losses and weights."""
     from kiln.model.llama import Transformer
+    from kiln.model.moe import moe_layers, set_aux_loss_scale
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
     torch.manual_seed(cfg.train.seed)
     model.init_weights()
+    set_aux_loss_scale(model, 0.0)  # MoE: the oracle adds the aux losses to its loss itself
     opt = make_adamw(model, cfg)
     out = {"losses": []}
     for step in range(STEPS + 1):
@@ -64,7 +66,8 @@ def reference_run(cfg, dp: int) -> dict:
         for micro in range(ACCUM):
             b = global_batch(step, micro, dp, cfg)
             loss = F.cross_entropy(model(b["input"], b.get("doc_ids")).flatten(0, 1), b["target"].flatten())
-            (loss / ACCUM).backward()
+            aux = sum((m.aux_loss for m in moe_layers(model)), torch.zeros(()))
+            ((loss + aux) / ACCUM).backward()
             total += loss.item() / ACCUM
         out["losses"].append(total)
         out.setdefault("norms", []).append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))

@@ -105,6 +105,9 @@ def refuse_unexportable(m, to: str) -> None:
     if m.position != "rope":
         raise KilnError(f"--to {to}: model.position={m.position} has no {target} equivalent (it uses RoPE); "
                         f"keep this checkpoint in kiln's format")
+    if m.moe is not None and to != "hf":
+        raise KilnError(f"--to {to}: model.moe: MoE models convert to Hugging Face Mixtral (--to hf) or kiln, "
+                        f"not to {target} (kiln writes its dense layout only)")
     if m.attention_pattern is not None and m.attention_pattern.kind != "dense":
         raise KilnError(f"--to {to}: model.attention_pattern.kind={m.attention_pattern.kind} has no {target} "
                         f"equivalent (dense causal attention); keep this checkpoint in kiln's format")

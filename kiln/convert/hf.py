@@ -1,10 +1,13 @@
-"""Hugging Face Llama, Mistral and Qwen2 <-> kiln: names, config and the RoPE permutation.
+"""Hugging Face Llama, Mistral, Qwen2 and Mixtral <-> kiln: names, config and the RoPE permutation.
 
 Hugging Face's Llama applies RoPE by rotating halves of each head; kiln (like Meta's reference)
 rotates interleaved pairs. Both compute the same attention if the q and k projection rows (and
 their biases) are permuted, which is all that differs besides the names. Mistral is Llama with a
 sliding attention window, Qwen2 is Llama with q/k/v biases; kiln holds all three as one model with
-options and writes the family that has exactly those options. Tensors move one at a time: the
+options and writes the family that has exactly those options. Mixtral is Mistral with a MoE in every
+layer: kiln's stacked expert tensor (n_experts, out, in) is one Mixtral tensor per expert
+(`block_sparse_moe.experts.J.wK`, the layout of the released checkpoints, which transformers 5 still
+reads and writes). Tensors move one at a time: the
 writer fills a shard until `max_shard_size` and flushes it; the reader opens safetensors lazily.
 """
 from __future__ import annotations
@@ -21,7 +24,7 @@ from safetensors.torch import save_file
 
 from kiln.convert.names import (validate_model, Source, cast, check_shape, half_to_interleaved,
                                     interleaved_to_half, iter_checked, kiln_shapes)
-from kiln.config import Config, ConfigError, ModelConfig, RopeScalingConfig
+from kiln.config import Config, ConfigError, ModelConfig, MoEConfig, RopeScalingConfig
 from kiln.data.tokenizer import RUN_IDENTITY
 from kiln.errors import KilnError
 
@@ -41,7 +44,10 @@ for _kiln, _hf in (("attention.wq", "self_attn.q_proj"), ("attention.wk", "self_
 _TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+FAMILIES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "mixtral": "MixtralForCausalLM"}
+_MOE_MAP = {"feed_forward.router.weight": "block_sparse_moe.gate.weight"}
+_EXPERTS = re.compile(r"^feed_forward\.experts\.(w[123])$")
 # Options of `RopeScalingConfig` written to / read from config.json for each rope type.
 _ROPE_KEYS = {"linear": ("factor",),
               "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -55,9 +61,20 @@ def hf_name(name: str) -> str:
     if name in _TOP_MAP:
         return _TOP_MAP[name]
     match = _LAYER.match(name)
-    if not match or match.group(2) not in _LAYER_MAP:
+    hf = match and (_LAYER_MAP.get(match.group(2)) or _MOE_MAP.get(match.group(2)))
+    if not hf:
         raise KilnError(f"no Hugging Face name for kiln tensor {name}")
-    return f"model.layers.{match.group(1)}.{_LAYER_MAP[match.group(2)]}"
+    return f"model.layers.{match.group(1)}.{hf}"
+
+
+def hf_names(name: str, m: ModelConfig) -> list[str]:
+    """The Hugging Face tensors that make up kiln tensor `name`: one, or one per expert."""
+    match = _LAYER.match(name)
+    experts = match and _EXPERTS.match(match.group(2))
+    if not experts:
+        return [hf_name(name)]
+    return [f"model.layers.{match.group(1)}.block_sparse_moe.experts.{j}.{experts.group(1)}.weight"
+            for j in range(m.moe.n_experts)]
 
 
 def to_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
@@ -80,7 +97,15 @@ def from_hf_tensor(name: str, t: torch.Tensor, m: ModelConfig) -> torch.Tensor:
 
 
 def hf_family(m: ModelConfig) -> str:
-    """The transformers family that has exactly this model's options (llama, mistral or qwen2)."""
+    """The transformers family that has exactly this model's options (llama, mistral, qwen2, mixtral)."""
+    if m.moe is not None:
+        e = m.moe
+        for bad, why in ((e.every_n_layers != 1, "model.moe.every_n_layers: Mixtral has a MoE in every layer"),
+                         (e.shared_experts != 0, "model.moe.shared_experts: Mixtral has no shared experts"),
+                         (m.attention_bias or m.qkv_bias, "model.attention_bias/qkv_bias: Mixtral has no biases")):
+            if bad:
+                raise KilnError(f"{why}; cannot export to Hugging Face")
+        return "mixtral"
     if m.attention_window is not None:
         if m.attention_bias or m.qkv_bias or m.mlp_bias:
             raise KilnError("model.attention_window: no Hugging Face family has a sliding window and biases "
@@ -112,7 +137,7 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Any]) -> di
         "model_type": family,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
-        "intermediate_size": kiln_shapes(m)["layers.0.feed_forward.w1.weight"][0],
+        "intermediate_size": m.ffn_hidden,
         "num_hidden_layers": m.n_layers,
         "num_attention_heads": m.n_heads,
         "num_key_value_heads": m.kv_heads,
@@ -137,6 +162,10 @@ def hf_config(m: ModelConfig, dtype: torch.dtype, special: dict[str, Any]) -> di
         config.update(attention_bias=m.attention_bias, mlp_bias=m.mlp_bias, pretraining_tp=1)
     elif family == "mistral":
         config.update(sliding_window=m.attention_window)
+    elif family == "mixtral":
+        config.update(sliding_window=m.attention_window, num_local_experts=m.moe.n_experts,
+                      num_experts_per_tok=m.moe.top_k, router_aux_loss_coef=m.moe.aux_loss_weight,
+                      router_jitter_noise=0.0, output_router_logits=False)
     else:
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=m.n_layers)
         if m.head_dim is None:
@@ -189,7 +218,7 @@ def _window_from_hf(hf: dict, family: str, origin: str) -> Optional[int]:
     layers = hf.get("num_hidden_layers", 0)
     if family == "llama":
         return None
-    if family == "mistral":
+    if family in ("mistral", "mixtral"):
         types = hf.get("layer_types")
         if types and len(set(types)) > 1:
             raise ConfigError(f"{origin}:layer_types", "alternating full/sliding attention is not supported by kiln")
@@ -202,6 +231,16 @@ def _window_from_hf(hf: dict, family: str, origin: str) -> Optional[int]:
     if first_windowed > 0:
         raise ConfigError(f"{origin}:max_window_layers", "a sliding window on only some layers is not supported by kiln")
     return hf.get("sliding_window")
+
+
+def _moe_from_hf(hf: dict, origin: str) -> MoEConfig:
+    """Mixtral's router: dropless top-k with softmax over the chosen logits, as kiln's; it was trained
+    without a z-loss, so the import sets none."""
+    if float(hf.get("router_jitter_noise", 0.0) or 0.0) != 0.0:
+        raise ConfigError(f"{origin}:router_jitter_noise", "router jitter is not supported by kiln (needs 0)")
+    return MoEConfig(n_experts=int(_need(hf, "num_local_experts", origin)),
+                     top_k=int(_need(hf, "num_experts_per_tok", origin)),
+                     aux_loss_weight=float(hf.get("router_aux_loss_coef", 0.01)), z_loss_weight=0.0)
 
 
 def kiln_config_from_hf(hf: dict, origin: str, name: str) -> Config:
@@ -234,6 +273,7 @@ def kiln_config_from_hf(hf: dict, origin: str, name: str) -> Config:
         head_dim=None if hd in (None, d_model // heads) and d_model % heads == 0 else int(hd),
         rope_scaling=scaling,
         attention_window=_window_from_hf(hf, family, origin),
+        moe=_moe_from_hf(hf, origin) if family == "mixtral" else None,
         **bias,
     )
     cfg = Config(model=model)
@@ -401,7 +441,12 @@ def write_hf(source: Source, out_dir: Path, max_shard_size: str | int = "5GB", d
             continue  # transformers re-ties lm_head to embed_tokens
         t = cast(t, dtype)
         out_dtype = out_dtype or t.dtype
-        writer.add(hf_name(name), to_hf_tensor(name, t, m))
+        names = hf_names(name, m)
+        if len(names) == 1:
+            writer.add(names[0], to_hf_tensor(name, t, m))
+        else:  # stacked experts: one tensor each
+            for key, expert in zip(names, t.unbind(0)):
+                writer.add(key, expert.clone())
     files = writer.close()
     extras = extras_dir(source)
     data_dir = None if extras is not None else _tokenizer_dir(source)
@@ -460,16 +505,27 @@ class HFSource:
         self.weight_map: dict[str, str] = weight_map
         self._handles: dict[str, Any] = {}
         self.shapes = kiln_shapes(self.cfg.model)
-        known = {hf_name(n) for n in self.shapes}
+        known = {k for n in self.shapes for k in hf_names(n, self.cfg.model)}
         extra = sorted(k for k in weight_map if k not in known and not k.endswith("rotary_emb.inv_freq"))
         if extra:
             raise KilnError(f"{self.path}: tensor {extra[0]} has no kiln counterpart "
                             f"({len(extra)} unexpected tensors; is this a plain Llama, Mistral or Qwen2 checkpoint?)")
 
     def get(self, name: str) -> torch.Tensor:
-        key = hf_name(name)
+        keys = hf_names(name, self.cfg.model)
+        if len(keys) > 1:  # stacked experts
+            t = torch.stack([self._read(k) for k in keys])
+            return check_shape(name, t, self.shapes[name], str(self.path))
+        key = keys[0]
         if key not in self.weight_map and name == "output.weight" and self.cfg.model.tie_embeddings:
             key = hf_name("tok_embeddings.weight")
+        if key not in self.weight_map:
+            raise KilnError(f"{self.path}: no tensor {key} in the safetensors files")
+        t = self._read(key)
+        check_shape(key, t, self.shapes[name], str(self.path))
+        return from_hf_tensor(name, t, self.cfg.model)
+
+    def _read(self, key: str) -> torch.Tensor:
         if key not in self.weight_map:
             raise KilnError(f"{self.path}: no tensor {key} in the safetensors files")
         file = self.weight_map[key]
@@ -477,6 +533,4 @@ class HFSource:
             if not (self.path / file).is_file():
                 raise KilnError(f"{self.path}: shard {file} (holding {key}) is missing")
             self._handles[file] = safe_open(str(self.path / file), framework="pt")
-        t = self._handles[file].get_tensor(key)
-        check_shape(key, t, self.shapes[name], str(self.path))
-        return from_hf_tensor(name, t, self.cfg.model)
+        return self._handles[file].get_tensor(key)

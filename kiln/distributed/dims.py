@@ -24,6 +24,7 @@ class ParallelDims:
     virtual_stages: int
     microbatches: int
     cp: int = 1  # context parallel: ranks that split one sequence (they see the same batch)
+    ep: int = 1  # expert parallel: a split of dp_shard (dp_shard = ep * the experts' own FSDP degree)
 
     @property
     def dp(self) -> int:
@@ -51,4 +52,4 @@ def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
     p = cfg.parallel
     return ParallelDims(pp=p.pp, dp_replicate=dims["dp_replicate"], dp_shard=dims["dp_shard"], tp=p.tp, cp=p.cp,
                         virtual_stages=p.pp_virtual_stages if p.pp > 1 else 1,
-                        microbatches=pipeline_microbatches(cfg))
+                        microbatches=pipeline_microbatches(cfg), ep=p.ep)

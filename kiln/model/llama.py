@@ -18,6 +18,7 @@ from torch import nn
 from kiln.config import ModelConfig, RopeScalingConfig
 from kiln.model.attention import (alibi_slopes, attended_fraction, attention, flash_attn_module, pattern_of,
                                   resolve_backend)
+from kiln.model.moe import GroupedExperts, MoEFeedForward
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig | None = None) -> tuple[torch.Tensor, float]:
@@ -139,9 +140,9 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, hidden: int | None = None):
         super().__init__()
-        hidden = cfg.ffn_hidden
+        hidden = hidden or cfg.ffn_hidden
         self.w1 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # gate
         self.w3 = nn.Linear(cfg.d_model, hidden, bias=cfg.mlp_bias)  # up
         self.w2 = nn.Linear(hidden, cfg.d_model, bias=cfg.mlp_bias)  # down
@@ -151,12 +152,12 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attention = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.feed_forward = FeedForward(cfg)
+        self.feed_forward = MoEFeedForward(cfg) if cfg.is_moe_layer(layer) else FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), rope, doc_ids)
@@ -168,7 +169,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): Block(cfg, i) for i in range(cfg.n_layers)})
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.output = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.tie_weights()
@@ -193,10 +194,14 @@ class Transformer(nn.Module):
             if isinstance(module, RMSNorm):
                 module.reset_parameters()
             elif isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out = name.endswith(("attention.wo", "feed_forward.w2"))
+                is_out = name.endswith(("attention.wo", "feed_forward.w2", "feed_forward.shared.w2"))
                 nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out else std)
                 if getattr(module, "bias", None) is not None:
                     nn.init.zeros_(module.bias)
+            elif isinstance(module, GroupedExperts):
+                nn.init.normal_(module.w1, mean=0.0, std=std)
+                nn.init.normal_(module.w3, mean=0.0, std=std)
+                nn.init.normal_(module.w2, mean=0.0, std=out_std)
 
     def forward(self, tokens: torch.Tensor, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens (batch, seq) int64 -> logits (batch, seq, vocab). On a pipeline stage without
@@ -209,15 +214,18 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
 
-def count_params(cfg: ModelConfig) -> int:
-    """Exact parameter count from the shape: embedding and output tables (one if tied), the blocks, the final norm."""
-    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) + cfg.n_layers * cfg.params_per_layer + cfg.d_model
+def count_params(cfg: ModelConfig, active: bool = False) -> int:
+    """Exact parameter count from the shape: embedding and output tables (one if tied), the blocks, the
+    final norm. Every expert counts; `active=True` counts only those one token uses (top_k + shared)."""
+    blocks = sum(cfg.layer_params(i, active) for i in range(cfg.n_layers))
+    return cfg.vocab_size * cfg.d_model * (1 if cfg.tie_embeddings else 2) + blocks + cfg.d_model
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """PaLM model FLOPs per trained token: 6N + 12 L H Q T (Chowdhery et al. 2022, App. B).
     N excludes the input embedding table, which is a lookup, not a matmul. Under a sliding window
     or a block-sparse pattern the attention term is scaled by the share of causal (query, key)
-    pairs computed (`attended_fraction`)."""
-    n = count_params(cfg) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
+    pairs computed (`attended_fraction`). A MoE model counts its active parameters: the top_k routed
+    and the shared experts a token passes through, and the router."""
+    n = count_params(cfg, active=True) - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.d_model)
     return 6 * n + 12 * cfg.n_layers * cfg.n_heads * cfg.dim_per_head * seq_len * attended_fraction(cfg, seq_len)

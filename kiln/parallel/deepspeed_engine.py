@@ -28,6 +28,7 @@ from kiln.config import Config, grad_accum_steps
 from kiln.distributed import parallel_dims, pick_device
 from kiln.errors import KilnError
 from kiln.model.llama import count_params
+from kiln.model.moe import set_aux_loss_scale
 from kiln.model.loss import cross_entropy
 from kiln.parallel.init import FULL_INIT_MAX_BYTES, materialize
 from kiln.parallel.parallelize import mixed_precision_dtype
@@ -89,6 +90,7 @@ class DeepSpeedRuntime:
 
     def forward_backward(self, batch: dict, loss_scale: float) -> torch.Tensor:
         engine = self._engine()
+        set_aux_loss_scale(self.model_parts[0], loss_scale)  # MoE aux losses: the loss's own scale
         loss = self._loss(batch)
         engine.backward(loss * loss_scale, scale_wrt_gas=False)
         if not engine.is_gradient_accumulation_boundary():

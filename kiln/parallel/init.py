@@ -40,6 +40,8 @@ def init_mode(cfg: Config) -> str:
     mode = cfg.parallel.init
     if cfg.parallel.engine == "deepspeed":  # config validation refuses deepspeed + sharded
         return "full"
+    if cfg.model.moe is not None and cfg.parallel.tp > 1:  # TP replicates the router and experts: the
+        return "full"  # per-(dp_shard, tp) seeds of sharded init would give each TP rank other weights
     if mode == "auto":
         return "full" if 4 * count_params(cfg.model) < FULL_INIT_MAX_BYTES else "sharded"
     return mode

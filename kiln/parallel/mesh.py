@@ -3,6 +3,8 @@
 A 5-D mesh with named dims pp, dp_replicate, dp_shard, cp, tp (tp innermost, so tensor-parallel peers
 are neighbouring ranks, i.e. on the same node, and context-parallel rings next to them); size-1 dims
 are kept so `mesh["tp"]` and `mesh["cp"]` always exist.
+With expert parallelism dp_shard is built as expert_dp x ep (ep inner, so expert-parallel peers are
+neighbours) and flattened back into `dp_shard`, which keeps its rank order.
 """
 from __future__ import annotations
 
@@ -15,8 +17,14 @@ def build_mesh(dims: ParallelDims, device: torch.device):
     """The 5-D mesh (size-1 dims included, so `mesh["tp"]` always exists)."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
-    return init_device_mesh(device.type, shape, mesh_dim_names=DIM_NAMES)
+    if dims.ep == 1:
+        shape = (dims.pp, dims.dp_replicate, dims.dp_shard, dims.cp, dims.tp)
+        return init_device_mesh(device.type, shape, mesh_dim_names=DIM_NAMES)
+    shape = (dims.pp, dims.dp_replicate, dims.dp_shard // dims.ep, dims.ep, dims.cp, dims.tp)
+    names = ("pp", "dp_replicate", "expert_dp", "ep", "cp", "tp")
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
+    mesh["expert_dp", "ep"]._flatten("dp_shard")
+    return mesh
 
 
 def dp_coordinate(mesh, dims: ParallelDims) -> int:

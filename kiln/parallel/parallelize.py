@@ -9,10 +9,16 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from kiln.config import Config
+from kiln.model.moe import MoEFeedForward
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: torch.device) -> nn.Module:
     p = cfg.parallel
+    expert_parallel = mesh is not None and p.ep > 1
+    if expert_parallel:
+        from kiln.parallel.expert import apply_expert_parallel
+
+        apply_expert_parallel(model, mesh["ep"], mesh["ep", "tp"] if mesh["tp"].size() > 1 else None)
     if mesh is not None and mesh["tp"].size() > 1:
         apply_tensor_parallel(model, mesh["tp"], p.sequence_parallel)
     if mesh is not None and mesh["cp"].size() > 1:
@@ -26,8 +32,19 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, cfg: Config, device: 
             block.compile()
     dp_mesh = data_parallel_mesh(mesh)
     if dp_mesh is not None:
+        if expert_parallel:
+            from kiln.parallel.expert import shard_experts
+
+            shard_experts(model, mesh["expert_dp"], **fsdp_options(cfg, device))
         apply_fsdp(model, dp_mesh, p.reshard_after_forward, mixed_precision_dtype(cfg, device))
     return model
+
+
+def fsdp_options(cfg: Config, device: torch.device) -> dict:
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=mixed_precision_dtype(cfg, device), reduce_dtype=torch.float32)
+    return {"reshard_after_forward": cfg.parallel.reshard_after_forward, "mp_policy": policy}
 
 
 def compile_enabled(mode: bool | str, device: torch.device) -> bool:
@@ -104,12 +121,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             "attention.wk": ColwiseParallel(),
             "attention.wv": ColwiseParallel(),
             "attention.wo": RowwiseParallel(output_layouts=seq),
-            "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
-                                               use_local_output=True),
-            "feed_forward.w1": ColwiseParallel(),
-            "feed_forward.w3": ColwiseParallel(),
-            "feed_forward.w2": RowwiseParallel(output_layouts=seq),
         }
+        if isinstance(block.feed_forward, MoEFeedForward):
+            plan.update(moe_tensor_parallel_plan(block.feed_forward, tp_mesh, seq))
+        else:
+            plan.update({
+                "feed_forward": PrepareModuleInput(input_layouts=(seq,), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True),
+                "feed_forward.w1": ColwiseParallel(),
+                "feed_forward.w3": ColwiseParallel(),
+                "feed_forward.w2": RowwiseParallel(output_layouts=seq),
+            })
         if sequence_parallel:
             plan["attention_norm"] = SequenceParallel()
             plan["ffn_norm"] = SequenceParallel()
@@ -117,6 +139,29 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             replicate_on_mesh(block.attention_norm, tp_mesh)
             replicate_on_mesh(block.ffn_norm, tp_mesh)
         parallelize_module(block, tp_mesh, plan)
+
+
+def moe_tensor_parallel_plan(moe: MoEFeedForward, tp_mesh: DeviceMesh, seq) -> dict:
+    """A MoE feed-forward under TP: every TP rank routes the whole (gathered) sequence and runs the
+    routed experts whole (router and expert weights replicated DTensors, the model computes on
+    their local copies), so each rank holds the full, identical gradient; the shared experts are
+    split Megatron-style. The output goes back to the residual stream's layout."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, PrepareModuleInputOutput, RowwiseParallel
+
+    for module in (moe.router, moe.experts):
+        for name, param in list(module.named_parameters(recurse=False)):
+            if isinstance(param, DTensor):  # expert parallel placed the experts on (ep, tp) already
+                continue
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param.data, tp_mesh, [Replicate()]),
+                                                         requires_grad=param.requires_grad))
+    plan = {"feed_forward": PrepareModuleInputOutput(
+        input_layouts=(seq,), desired_input_layouts=(Replicate(),), use_local_input=True,
+        output_layouts=(Replicate(),), desired_output_layouts=(seq,), use_local_output=True)}
+    if moe.shared is not None:
+        plan.update({"feed_forward.shared.w1": ColwiseParallel(), "feed_forward.shared.w3": ColwiseParallel(),
+                     "feed_forward.shared.w2": RowwiseParallel(output_layouts=Replicate())})
+    return plan
 
 
 def replicate_on_mesh(module: nn.Module, mesh: DeviceMesh) -> None:

@@ -21,6 +21,7 @@ from kiln.config import Config
 from kiln.errors import KilnError
 from kiln.distributed import ParallelDims, parallel_dims, pick_device
 from kiln.model.loss import cross_entropy
+from kiln.model.moe import set_aux_loss_scale
 from kiln.parallel.init import init_mode, init_sharded, materialize, on_meta, shard_seed
 from kiln.parallel.mesh import build_mesh, dp_coordinate
 from kiln.parallel.parallelize import data_parallel_mesh, mixed_precision_dtype, parallelize
@@ -94,6 +95,8 @@ class ParallelRuntime:
         inp, tgt, doc = self._inputs(batch)
         self._mb_losses = []
         self._mb_scale = loss_scale / self.dims.microbatches
+        for part in self.model_parts:  # MoE aux losses take the scale each micro-batch's loss gets
+            set_aux_loss_scale(part, self._mb_scale)
         args = (inp,) if self.has_first_stage else ()
         kwargs = {"doc_ids": doc} if doc is not None else {}
         target = tgt if self.is_last_stage else None
@@ -111,6 +114,7 @@ class ParallelRuntime:
         if self.schedule is not None:
             return self._run_schedule(batch, loss_scale, train=True)
         inp, tgt, doc = self._inputs(batch)
+        set_aux_loss_scale(self.model_parts[0], loss_scale)
         with self._context():
             loss = cross_entropy(self.model_parts[0](inp, doc), tgt)
             (loss * loss_scale).backward()

@@ -67,7 +67,8 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
     mfu_note = mfu_note or ("given (--mfu)" if mfu else f"default for {acc.name} from {default.source}")
     run = costs.run_cost(flops_per_token(cfg.model, cfg.data.seq_len) * tokens, acc, gpus, used_mfu, price, pue)
     return {
-        "gpu": acc.name, "gpus": gpus, "params": count_params(cfg.model), "tokens": tokens,
+        "gpu": acc.name, "gpus": gpus, "params": count_params(cfg.model),
+        "active_params": count_params(cfg.model, active=True), "tokens": tokens,
         "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "cp": lay.cp, "dp_shard": lay.shard, "zero": lay.zero,
                    "micro_batch": lay.micro_batch, "pp_microbatches": lay.pp_microbatches,
                    "activation_checkpoint": lay.activation_checkpoint},

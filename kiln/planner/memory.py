@@ -59,10 +59,17 @@ class Layout:
         return self.tp * self.pp * self.dp * self.cp
 
 
-def layer_matrix_params(m: ModelConfig) -> int:
+def layer_matrix_params(m: ModelConfig) -> float:
+    """Matrix parameters of an average block. MoE blocks hold every expert and the router (memory
+    counts all parameters, FLOPs only the active ones); their experts are taken as split by tp like
+    the dense MLP, which kiln's TP does not do yet (it replicates them), nor is ep modelled."""
     d = m.d_model
     d_q, d_kv = m.n_heads * m.dim_per_head, m.kv_heads * m.dim_per_head
-    return 2 * d * d_q + 2 * d * d_kv + 3 * d * m.ffn_hidden
+    dense = 2 * d * d_q + 2 * d * d_kv + 3 * d * m.ffn_hidden
+    if m.moe is None:
+        return dense
+    extra = (m.moe.n_experts + m.moe.shared_experts - 1) * 3 * d * m.ffn_hidden + d * m.moe.n_experts
+    return dense + extra * m.n_moe_layers / m.n_layers
 
 
 def stage_params(m: ModelConfig, tp: int, pp: int) -> float:
