@@ -173,6 +173,7 @@ def test_count_params_counts_every_expert_and_flops_count_active_ones(extra):
     ("parallel.ep=2 parallel.dp_shard=3", "parallel.ep"),
     ("parallel.ep=0", "parallel.ep"),
     ("parallel.tp=2 parallel.init=sharded", "parallel.init"),
+    ("parallel.cp=2", "model.moe"),
 ])
 def test_bad_moe_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:
