@@ -615,6 +615,9 @@ def _validate_moe(cfg: Config) -> None:
                "leave parallel.dp_replicate=1")
         _check(p.dp_shard == -1 or p.dp_shard % p.ep == 0, "parallel.ep",
                f"{p.ep} does not divide parallel.dp_shard={p.dp_shard} (ep borrows data-parallel ranks)")
+        _check(p.activation_checkpoint != "selective", "parallel.activation_checkpoint",
+               "selective recomputation is not supported with parallel.ep > 1 (the experts' own FSDP hooks run "
+               "inside each block, and their all-gathers differ between forward and recompute); use full")
 
 
 def _validate_rope_scaling(m: ModelConfig) -> None:
@@ -691,8 +694,7 @@ def _validate_layout(cfg: Config) -> None:
 
 def _validate_context_parallel(cfg: Config) -> None:
     """What the ring attention (kiln.parallel.context) needs: 2*cp equal chunks of the sequence,
-    a plain causal mask with RoPE, the native engine, and no selective recomputation (torch's
-    selective checkpointing under FSDP2 meets profiler ops at recompute that forward never stored)."""
+    a plain causal mask with RoPE and the native engine."""
     p, m, cp = cfg.parallel, cfg.model, cfg.parallel.cp
     seq = cfg.data.seq_len
     _check(seq % (2 * cp) == 0, "data.seq_len",
@@ -700,9 +702,6 @@ def _validate_context_parallel(cfg: Config) -> None:
     if p.sequence_parallel and p.tp > 1:
         _check((seq // cp) % p.tp == 0, "data.seq_len",
                f"{seq}/cp={seq // cp} is not divisible by tp={p.tp} (sequence parallel shards each cp rank's tokens)")
-    _check(p.activation_checkpoint != "selective", "parallel.activation_checkpoint",
-           "selective recomputation fails under FSDP2, which parallel.cp > 1 always applies (over dp_shard x cp); "
-           "use full or none")
     _check(not cfg.data.document_mask, "data.document_mask",
            "document masks are not supported with parallel.cp > 1 (the ring computes a plain causal mask)")
     _check(m.position == "rope", "model.position", "alibi is not supported with parallel.cp > 1; use rope")

@@ -174,6 +174,7 @@ def test_count_params_counts_every_expert_and_flops_count_active_ones(extra):
     ("parallel.ep=0", "parallel.ep"),
     ("parallel.tp=2 parallel.init=sharded", "parallel.init"),
     ("parallel.cp=2", "model.moe"),
+    ("parallel.ep=2 parallel.activation_checkpoint=selective", "parallel.activation_checkpoint"),
 ])
 def test_bad_moe_config_names_the_key(override, key):
     with pytest.raises(ConfigError) as err:

@@ -20,6 +20,7 @@ TWO = {
     "tp2": "parallel.tp=2 parallel.sequence_parallel=false",
     "tp2_sp_selective_ac": "parallel.tp=2 parallel.activation_checkpoint=selective",
     "fsdp2_full_ac": "parallel.activation_checkpoint=full",
+    "fsdp2_selective_ac": "parallel.activation_checkpoint=selective",
     "fsdp2_no_reshard": "parallel.reshard_after_forward=false",
     "pp2_gpipe": "parallel.pp=2 parallel.pp_schedule=gpipe",
     "pp2_1f1b": "parallel.pp=2 parallel.pp_schedule=1f1b parallel.pp_microbatches=4",

@@ -4,6 +4,8 @@ of one. Parameter names never change (composable APIs only), so checkpoints load
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
@@ -204,14 +206,21 @@ def _selective_policy():
 
 def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
     """Per block: `full` recomputes the whole block in backward; `selective` keeps matmul and
-    attention outputs and recomputes the rest. Composable hooks, so names are unchanged."""
-    from torch.distributed._composable import checkpoint
+    attention outputs and recomputes the rest. The block's forward is wrapped, not the module, so
+    names are unchanged and module hooks (FSDP2's unshard and input cast, which open profiler ranges a
+    selective region could not replay) stay outside the checkpointed region, as with torchtitan's
+    checkpoint_wrapper."""
+    from torch.utils.checkpoint import noop_context_fn
 
     for block in model.layers.values():
-        if mode == "full":
-            checkpoint(block)
-        else:
-            checkpoint(block, context_fn=_selective_policy())
+        context_fn = _selective_policy() if mode == "selective" else noop_context_fn
+        block.forward = functools.partial(_checkpointed, block.forward, context_fn)
+
+
+def _checkpointed(forward, context_fn, *args, **kwargs):
+    from torch.utils.checkpoint import checkpoint
+
+    return checkpoint(forward, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
 
 
 def apply_fsdp(model: nn.Module, dp_mesh: DeviceMesh, reshard_after_forward: bool,
