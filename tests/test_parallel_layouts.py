@@ -57,6 +57,7 @@ def test_layout_matches_single_process(layout):
     got = results(WORLD[layout])[layout]
     ref = reference(got["dp_size"])
     assert set(got["grads"]) == set(ref["grads"]), "every parameter appears once, under its plain FQN"
+    assert not got["oversized_grads"], "gradients larger than the rank's shard (a replicated whole table)"
     for name, g in ref["grads"].items():
         assert got["grads"][name].shape == g.shape
         assert rel_err(got["grads"][name], g) < TOL, f"grad {name}"

@@ -85,6 +85,12 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _local(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
 def layout_worker(rank: int, world: int, port: int, layouts: list, out_dir: str) -> None:
     """Run each (name, overrides) layout through kiln.parallel and save this rank's results."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -106,7 +112,10 @@ def layout_worker(rank: int, world: int, port: int, layouts: list, out_dir: str)
         batches = (batch_for(step, micro, rt.dp_rank, cfg) for step in range(STEPS + 1) for micro in range(ACCUM))
 
         def keep_grads():
-            res["grads"] = {n: _full(p.grad).clone() for part in rt.model_parts for n, p in part.named_parameters()}
+            named = [(n, p) for part in rt.model_parts for n, p in part.named_parameters()]
+            res["grads"] = {n: _full(p.grad).clone() for n, p in named}
+            # a rank's gradient is no larger than its shard of the parameter (after accumulation)
+            res["oversized_grads"] = [n for n, p in named if _local(p.grad).numel() > _local(p).numel()]
 
         for step in range(STEPS + 1):
             result = train_step(rt, batches, ACCUM, CLIP, before_update=keep_grads if step == 0 else None)
@@ -140,7 +149,8 @@ def run_layouts(world: int, layouts: list) -> dict:
         ranks = [torch.load(Path(out_dir) / f"{name}.rank{r}.pt") for r in range(world)]
         res = {"losses": ranks[0]["losses"], "norms": ranks[0]["norms"], "dp_size": ranks[0]["dp_size"],
                "grads": {}, "params": {}, "per_rank_losses": [r["losses"] for r in ranks],
-               "per_rank_norms": [r["norms"] for r in ranks]}
+               "per_rank_norms": [r["norms"] for r in ranks],
+               "oversized_grads": sorted({n for r in ranks for n in r["oversized_grads"]})}
         for r in ranks:
             for key in ("grads", "params"):
                 for n, t in r[key].items():

@@ -108,6 +108,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
         top["output"] = ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)
     if top:
         parallelize_module(model, tp_mesh, top)
+    if model.tok_embeddings is not None:
+        model.tok_embeddings.forward = functools.partial(_vocab_parallel_lookup, model.tok_embeddings, tp_mesh)
     if model.norm is not None and not sequence_parallel:
         replicate_on_mesh(model.norm, tp_mesh)
     tp_rank, tp_size = tp_mesh.get_local_rank(), tp_mesh.size()
@@ -141,6 +143,22 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh, sequence_parall
             replicate_on_mesh(block.attention_norm, tp_mesh)
             replicate_on_mesh(block.ffn_norm, tp_mesh)
         parallelize_module(block, tp_mesh, plan)
+
+
+def _vocab_parallel_lookup(embedding: nn.Embedding, tp_mesh: DeviceMesh, ids) -> torch.Tensor:
+    """Megatron's vocab-parallel embedding on the rank's own rows: ids outside its slice read row 0
+    and are zeroed, and the partial sums go out through RowwiseParallel's output hook (all-reduce or
+    reduce-scatter). DTensor's own rowwise embedding returns a replicated gradient of the whole table
+    (measured: tp times the shard's bytes, kept through accumulation); this one's gradient is the
+    shard's own rows."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    weight = embedding.weight.to_local()
+    ids = ids.to_local() if isinstance(ids, DTensor) else ids
+    local = ids - tp_mesh.get_local_rank() * weight.shape[0]
+    outside = (local < 0) | (local >= weight.shape[0])
+    out = nn.functional.embedding(local.masked_fill(outside, 0), weight).masked_fill(outside.unsqueeze(-1), 0)
+    return DTensor.from_local(out, tp_mesh, [Partial()], run_check=False)
 
 
 def moe_tensor_parallel_plan(moe: MoEFeedForward, tp_mesh: DeviceMesh, seq) -> dict:
