@@ -37,25 +37,33 @@ def test_formula_matches_the_measured_step(gpus, extra):
     assert 0.97 * measured["total"] <= formula["total"] <= 1.12 * measured["total"], (formula, measured)
 
 
-SUBSET = 6  # FSDP-only layouts from bench/planner_memory.py's seeded 100 (it prints the whole distribution)
+SUBSET = 6  # layouts from bench/planner_memory.py's seeded 100 (it prints the whole distribution)
 
 
-def test_formula_against_measure_on_seeded_fsdp_layouts():
-    """The issue's goal where the formula meets it today (bench/planner_memory.py: 96% of FSDP-only
-    layouts within 10%; TP, pipelines and DeepSpeed not yet): seeded random FSDP2 layouts (dp_shard,
-    recompute, seq, micro-batch, accumulation) within 10% of `--measure`."""
+def _ratios(keep, count: int) -> list[tuple[float, str]]:
     from kiln.planner.layouts import random_layouts
     from kiln.planner.measure import measure
 
-    picked = [x for x in random_layouts(60, seed=0) if " tp1 pp1 " in f" {x[0]} " and not x[0].startswith("ds-")]
-    ratios = []
-    for label, cfg, gpus in picked[:SUBSET]:
-        measured = measure(cfg, gpus)["total"]
-        formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
-        ratios.append((round(formula / measured, 3), label))
-    assert len(ratios) == SUBSET
-    # 5 of these 6 today (the sixth, tiny activations at s256 b1, peaks at the optimizer step: 0.82)
-    assert sum(0.9 <= r <= 1.1 for r, _ in ratios) >= SUBSET - 1, ratios
+    picked = [x for x in random_layouts(60, seed=0) if keep(f" {x[0]} ")][:count]
+    assert len(picked) == count
+    return [(round(memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
+                   / measure(cfg, gpus)["total"], 3), label) for label, cfg, gpus in picked]
+
+
+def test_formula_against_measure_on_seeded_fsdp_layouts():
+    """Seeded random FSDP2 layouts (dp_shard, recompute, seq, micro-batch, accumulation) within 10%
+    of `--measure`, and not below it by more than 1%: short sequences peak at the end of backward
+    (the embedding's gradient), which the formula models (before: 0.82 on s256 b1)."""
+    ratios = _ratios(lambda x: " tp1 pp1 " in x and " ds-" not in x, SUBSET)
+    assert all(0.99 <= r <= 1.1 for r, _ in ratios), ratios
+
+
+def test_formula_against_measure_on_seeded_tp_and_pipeline_layouts():
+    """TP x FSDP2 and pipelines: 9 of these 10 within 10% (a 1F1B last stage reads 11% high), and
+    none below 0.9 of the measurement, so at the default 0.9 headroom none would "fit" wrongly."""
+    ratios = _ratios(lambda x: " tp1 pp1 " not in x and " ds-" not in x, 10)
+    assert sum(0.9 <= r <= 1.1 for r, _ in ratios) >= 9, ratios
+    assert min(r for r, _ in ratios) >= 0.9, ratios
 
 
 def test_measure_runs_every_layout_kind_and_refuses_interleaved_stages():
@@ -68,3 +76,18 @@ def test_measure_runs_every_layout_kind_and_refuses_interleaved_stages():
         measure(load_config([], BASE + ["model.n_layers=4", "parallel.pp=2", "parallel.dp_shard=1",
                                         "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=2",
                                         "train.micro_batch=2"]), 2)
+
+
+def test_a_deepspeed_zero3_measurement_leaves_the_process_as_it_found_it():
+    """ZeRO-3 swaps torch.nn.functional.linear process-wide; measuring after it in the same process
+    (the bench, the test suite) must give what a fresh `kiln estimate --measure` gives."""
+    import torch
+
+    from kiln.planner.measure import measure
+
+    dense = load_config([], BASE + ["parallel.dp_shard=1", "parallel.mixed_precision=bf16", "train.micro_batch=2"])
+    alone = measure(dense, 1)["total"]
+    linear = torch.nn.functional.linear
+    measure(load_config([], BASE + ["parallel.engine=deepspeed", "parallel.zero_stage=3", "parallel.dp_shard=1"]), 1)
+    assert torch.nn.functional.linear is linear
+    assert measure(dense, 1)["total"] == alone

@@ -251,6 +251,9 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
     cfg.parallel.init = "full"  # fake tensors: "full" init allocates nothing; steady-state memory is the same
     parallel_dims(cfg, gpus)
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # DeepSpeed ZeRO-3 replaces torch.nn.functional.linear process-wide and never puts it back;
+    # later measurements in this process (autocast layouts) would then read about 5% low.
+    linear = torch.nn.functional.linear
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(gpus), "LOCAL_RANK": "0"})
     try:
         with _fake_world(gpus, rank), _fake_friendly_setup(), FakeTensorMode(allow_non_fake_inputs=True):
@@ -290,6 +293,7 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
                 rt.optimizer_step()
             peak = tracker.get_tracker_snapshot("peak")
     finally:
+        torch.nn.functional.linear = linear
         for k, v in env.items():
             if v is None:
                 os.environ.pop(k, None)

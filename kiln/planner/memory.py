@@ -20,8 +20,9 @@ Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
               gradients) in flight plus one block's scores, probabilities and their gradient.
 Parameters are split by TP (matrices; norms replicated) and PP (layers; embedding on the first
 stage, output on the last); ZeRO stage z shards optimizer (z>=1), grads (z>=2) and weights (z=3)
-over the data-parallel shard degree. The worst stage is assumed to hold both the first stage's
-activations and the last stage's logits (conservative when pp > 1).
+over the data-parallel shard degree. With a pipeline, the activation terms are those of the fuller
+stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one micro-batch and
+the logits); both hold one vocabulary table.
 """
 from __future__ import annotations
 
@@ -109,13 +110,13 @@ LOGITS_BYTES_DEEPSPEED = 6.0
 def logits_bytes(layout: Layout) -> float:
     """Bytes per logit (s b V) at the loss, as measured. Under kiln's TP the logits stay vocab-sharded
     into `loss_parallel`, yet the measured peak shrinks far less than 1/t (about 10.5 s b V at t=2
-    and 10 at t=4): the fp32 upcast and log-softmax work on gathered rows. Fitted: 9 + 3/t."""
+    and 10 at t=4, with or without a pipeline): the fp32 upcast and log-softmax work on gathered
+    rows. Fitted: 9 + 3/t."""
     if layout.engine == "deepspeed":
         return LOGITS_BYTES_DEEPSPEED
-    base = LOGITS_BYTES_PIPELINE if layout.pp > 1 else LOGITS_BYTES
-    if layout.tp > 1 and layout.engine == "native":
-        return base - 3.0 + 3.0 / layout.tp  # TPFIT
-    return base
+    if layout.tp > 1:  # measured the same with and without a pipeline
+        return LOGITS_BYTES - 3.0 + 3.0 / layout.tp
+    return LOGITS_BYTES_PIPELINE if layout.pp > 1 else LOGITS_BYTES
 
 
 def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, tp: int,
@@ -183,11 +184,24 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
         in_flight = layout.pp_microbatches
     else:
         in_flight = min(layout.pp, layout.pp_microbatches)
-    activations = layers * per_layer * in_flight
+    recompute = 0.0
     if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
-        activations += activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none",
-                                                  flash or cp > 1) + ring_stored
+        recompute = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none",
+                                               flash or cp > 1) + ring_stored
+    activations = layers * per_layer * in_flight + recompute
+    if native and layout.dp * layout.cp == 1:
+        # No FSDP, so bf16 compute comes from autocast, whose bf16 copies of the weight matrices are
+        # saved for backward: 2 bytes per matrix parameter (the embedding lookup is not cast).
+        lookup = m.vocab_size * m.d_model / t if layout.pp == 1 and not m.tie_embeddings else 0.0
+        norms = (2 * layers + 1) * m.d_model
+        activations += 2 * (p - lookup - norms)
     logits = seq_len * b * m.vocab_size * logits_bytes(layout)
+    if layout.pp > 1:  # the fuller of the first stage (in flight) and the last (one micro-batch + logits)
+        last = layers * per_layer * (in_flight if layout.schedule == "gpipe" else 1) + recompute
+        if activations >= last + logits:
+            logits = 0.0
+        else:
+            activations = last
 
     layer_p = layer_matrix_params(m) / t
     if not native and z >= 1:
@@ -203,8 +217,36 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     # Without accumulation the peak is at the loss, before backward allocates any gradient (as
     # measured); with accumulation (or a pipeline's micro-batches) gradients live through forward.
     holds_grads = layout.grad_accum > 1 or layout.pp > 1
-    terms["total"] = sum(terms.values()) - (0.0 if holds_grads else grads)
+    at_loss = sum(terms.values()) - (0.0 if holds_grads else grads)
+    terms["total"] = max(at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations))
     return terms
+
+
+# End of backward (native engine): the embedding's gradient is made last, dense over the whole
+# vocabulary, while every other gradient is already reduced and the optimizer state is resident.
+# Measured with `kiln estimate --measure` (bench/planner_memory.py), per entry of a tp rank's
+# vocabulary slice, under FSDP2: 10 bytes (its bf16 gradient, the fp32 copy FSDP2 reduces and the
+# reduce-scatter buffer), 14 with accumulation (the running sum is added to). TP without FSDP: the
+# optimizer step peaks 40% above Adam's state (DTensor foreach temporaries; the cause is not
+# established, so it scales with the state, the safe side for large models).
+EMBED_GRAD_BYTES, EMBED_GRAD_BYTES_ACCUM = 10.0, 14.0
+TP_OPTIMIZER_STEP = 1.4
+
+
+def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads: float, optimizer: float,
+                          activations: float) -> float:
+    """The other peaks of a step with little activation memory (short sequences, few tokens per
+    micro-batch): model state plus the embedding's gradient transients under FSDP2; without FSDP,
+    whole gradients build up while saved activations are still held (bounded by their sum), and
+    under TP the optimizer step's temporaries. DeepSpeed's own buckets are in comm_buffers."""
+    if layout.engine != "native":
+        return 0.0
+    state = weights + grads + optimizer
+    if layout.shard > 1:
+        per_entry = EMBED_GRAD_BYTES_ACCUM if layout.grad_accum > 1 else EMBED_GRAD_BYTES
+        return state + per_entry * m.vocab_size * m.d_model / layout.tp
+    step = state + (TP_OPTIMIZER_STEP - 1) * optimizer if layout.tp > 1 else state
+    return max(state + activations, step)
 
 
 def longest_seq_len(m: ModelConfig, layout: Layout, usable_bytes: float, grad_bytes: int = 4,
