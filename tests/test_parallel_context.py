@@ -18,7 +18,7 @@ from kiln.distributed import parallel_dims
 from kiln.errors import ConfigError
 from kiln.parallel import context
 
-from test_parallel_support import make_cfg, reference_run, rel_err, run_layouts
+from test_parallel_support import assert_matches_reference, make_cfg, reference_run, run_layouts
 
 TOL = 1e-5          # loss, first-step gradients, grad norms (measured: about 5e-7)
 PARAM_TOL = 1e-4    # weights after 4 AdamW steps (Adam amplifies 1e-7 gradient noise)
@@ -45,16 +45,7 @@ def test_context_parallel_matches_single_process(layout):
     world, overrides = LAYOUTS[layout]
     got = results(world)[layout]
     ref = reference_run(make_cfg(overrides.split()), got["dp_size"])
-    assert set(got["grads"]) == set(ref["grads"])
-    for name, g in ref["grads"].items():
-        assert rel_err(got["grads"][name], g) < TOL, f"grad {name}"
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
-        assert abs(a - b) / b < TOL, f"loss at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(got["norms"], ref["norms"])):
-        assert abs(a - b) / b < TOL, f"grad norm at step {step}: {a} vs {b}"
-    assert all(r == got["losses"] for r in got["per_rank_losses"]), "the same loss on every rank"
-    for name, w in ref["params"].items():
-        assert rel_err(got["params"][name], w) < PARAM_TOL, f"weight {name} after steps"
+    assert_matches_reference(got, ref, TOL, PARAM_TOL)
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])

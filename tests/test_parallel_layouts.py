@@ -11,7 +11,7 @@ import functools
 
 import pytest
 
-from test_parallel_support import make_cfg, reference_run, rel_err, run_layouts
+from test_parallel_support import assert_matches_reference, make_cfg, reference_run, run_layouts
 
 TOL = 1e-5          # loss, first-step gradients and grad norms
 PARAM_TOL = 1e-4    # weights after 4 AdamW steps: Adam's g/sqrt(v) amplifies 1e-7 gradient noise
@@ -56,16 +56,4 @@ def reference(dp: int) -> dict:
 def test_layout_matches_single_process(layout):
     got = results(WORLD[layout])[layout]
     ref = reference(got["dp_size"])
-    assert set(got["grads"]) == set(ref["grads"]), "every parameter appears once, under its plain FQN"
-    assert not got["oversized_grads"], "gradients larger than the rank's shard (a replicated whole table)"
-    for name, g in ref["grads"].items():
-        assert got["grads"][name].shape == g.shape
-        assert rel_err(got["grads"][name], g) < TOL, f"grad {name}"
-    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
-        assert abs(a - b) / b < TOL, f"loss at step {step}: {a} vs {b}"
-    for step, (a, b) in enumerate(zip(got["norms"], ref["norms"])):
-        assert abs(a - b) / b < TOL, f"grad norm at step {step}: {a} vs {b}"
-    assert all(r == got["losses"] for r in got["per_rank_losses"]), "the same loss on every rank"
-    assert all(r == got["norms"] for r in got["per_rank_norms"]), "the same grad norm on every rank"
-    for name, w in ref["params"].items():
-        assert rel_err(got["params"][name], w) < PARAM_TOL, f"weight {name} after steps"
+    assert_matches_reference(got, ref, TOL, PARAM_TOL)

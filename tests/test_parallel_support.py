@@ -161,5 +161,24 @@ def run_layouts(world: int, layouts: list) -> dict:
     return merged
 
 
+def assert_matches_reference(got: dict, ref: dict, tol: float, param_tol: float) -> None:
+    """One layout's results (run_layouts) against the single process (reference_run): first-step
+    gradients, losses and grad norms within `tol`, weights after the steps within `param_tol`, the
+    same loss and norm on every rank, and no rank holding a gradient larger than its shard."""
+    assert set(got["grads"]) == set(ref["grads"]), "every parameter appears once, under its plain FQN"
+    assert not got["oversized_grads"], "gradients larger than the rank's shard (a replicated whole table)"
+    for name, g in ref["grads"].items():
+        assert got["grads"][name].shape == g.shape
+        assert rel_err(got["grads"][name], g) < tol, f"grad {name}"
+    for step, (a, b) in enumerate(zip(got["losses"], ref["losses"])):
+        assert abs(a - b) / b < tol, f"loss at step {step}: {a} vs {b}"
+    for step, (a, b) in enumerate(zip(got["norms"], ref["norms"])):
+        assert abs(a - b) / b < tol, f"grad norm at step {step}: {a} vs {b}"
+    assert all(r == got["losses"] for r in got["per_rank_losses"]), "the same loss on every rank"
+    assert all(r == got["norms"] for r in got["per_rank_norms"]), "the same grad norm on every rank"
+    for name, w in ref["params"].items():
+        assert rel_err(got["params"][name], w) < param_tol, f"weight {name} after steps"
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
