@@ -98,9 +98,6 @@ def _fake_friendly_setup():
         with unset_fake_temporarily():
             mesh_init(self, *args, **kwargs)
 
-    # FSDP's forward hooks open profiler ranges; inside a selective-checkpoint region the recompute
-    # then meets a profiler op its policy never stored. Ranges allocate nothing: skip them.
-    record_function = torch.profiler.record_function
     # The pipeline schedule's first step votes with its neighbours over P2P and reads the result
     # (`.item()`); the fake process group delivers no values. kiln's stages give no static shapes,
     # so the vote's answer is known: DYNAMIC (shapes inferred by running the stage).
@@ -137,12 +134,10 @@ def _fake_friendly_setup():
     pp_stage.PipelineStage._recv_meta = own_output_meta
     undo = _patch_values_deepspeed_reads()
     torch.nn.Module.to, runtime.build_mesh, DeviceMesh.__init__ = to, real_mesh, real_mesh_init
-    torch.profiler.record_function = torch.autograd.profiler.record_function = _NoRange
     try:
         yield
     finally:
         torch.nn.Module.to, runtime.build_mesh, DeviceMesh.__init__ = original, build_mesh, mesh_init
-        torch.profiler.record_function = torch.autograd.profiler.record_function = record_function
         schedules._PipelineSchedule._warmup_p2p = warmup
         pp_stage.PipelineStage._recv_meta = recv_meta
         undo()
@@ -207,17 +202,6 @@ def _step_tracker_class():
             return super()._pre_fw_hook(module, inputs)
 
     return StepTracker
-
-
-class _NoRange(contextlib.ContextDecorator):
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def measure(cfg: Config, gpus: int) -> dict:
