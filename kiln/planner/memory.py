@@ -23,6 +23,8 @@ stage, output on the last); ZeRO stage z shards optimizer (z>=1), grads (z>=2) a
 over the data-parallel shard degree. With a pipeline, the activation terms are those of the fuller
 stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one micro-batch and
 the logits); both hold one vocabulary table.
+The total is the larger of the peak at the loss and the one after it (`end_of_backward_bytes`),
+which wins with few tokens per micro-batch.
 """
 from __future__ import annotations
 
@@ -189,12 +191,6 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
         recompute = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none",
                                                flash or cp > 1) + ring_stored
     activations = layers * per_layer * in_flight + recompute
-    if native and layout.dp * layout.cp == 1:
-        # No FSDP, so bf16 compute comes from autocast, whose bf16 copies of the weight matrices are
-        # saved for backward: 2 bytes per matrix parameter (the embedding lookup is not cast).
-        lookup = m.vocab_size * m.d_model / t if layout.pp == 1 and not m.tie_embeddings else 0.0
-        norms = (2 * layers + 1) * m.d_model
-        activations += 2 * (p - lookup - norms)
     logits = seq_len * b * m.vocab_size * logits_bytes(layout)
     if layout.pp > 1:  # the fuller of the first stage (in flight) and the last (one micro-batch + logits)
         last = layers * per_layer * (in_flight if layout.schedule == "gpipe" else 1) + recompute
@@ -202,6 +198,13 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
             logits = 0.0
         else:
             activations = last
+    if native and layout.dp * layout.cp == 1 and layout.pp == 1:
+        # No FSDP, so bf16 compute comes from autocast, whose bf16 copies of the weight matrices are
+        # saved for backward: 2 bytes per matrix parameter (the embedding lookup is not cast). With a
+        # pipeline the measured peaks do not show them (cause not established), so none are added.
+        lookup = 0.0 if m.tie_embeddings else m.vocab_size * m.d_model / t
+        norms = (2 * layers + 1) * m.d_model
+        activations += 2 * (p - lookup - norms)
 
     layer_p = layer_matrix_params(m) / t
     if not native and z >= 1:
