@@ -97,6 +97,21 @@ def test_estimate_fits_and_refuses(tmp_path, capsys):
     assert len(err) == 1 and "does not fit" in err[0] and "activations" in err[0]
 
 
+@pytest.mark.parametrize("extra,gpus,says", [
+    ([], 8, None),  # 65% of usable: fits even at the formula's worst (0.78 of the measured peak)
+    (["data.seq_len=6144"], 8, "of usable memory"),  # 88%: could pass the limit at that worst
+    (["parallel.engine=deepspeed", "parallel.zero_stage=3"], 8, "DeepSpeed"),  # reads up to 45% low
+])
+def test_estimate_says_when_to_check_with_measure(extra, gpus, says, capsys):
+    args = ["configs/model/8b.yaml", "data.synthetic=markov", "data.seq_len=4096", "train.micro_batch=1", *extra]
+    assert main(["estimate", *args, "--gpu", "h100", "--gpus", str(gpus)]) == 0
+    notes = [x for x in capsys.readouterr().out.splitlines() if x.strip().startswith("note:")]
+    if says is None:
+        assert notes == []
+    else:
+        assert len(notes) == 1 and says in notes[0] and "--measure" in notes[0]
+
+
 def test_unique_tokens_plans_with_the_repeated_data_law(capsys):
     from kiln.planner.laws import MUENNIGHOFF
 

@@ -481,6 +481,8 @@ def render_estimate(r: dict) -> str:
                      + (f" ({r['longest_seq_len'] // cp:,} per GPU over cp {cp})" if cp > 1 else ""))
     if measured:
         lines.append("  measured: " + ", ".join(f"{k} {v:.2f}" for k, v in measured.items() if k != "total"))
+    elif r.get("memory_caveat"):
+        lines.append(f"  note: {r['memory_caveat']}")
     if r.get("gpu_hours") is not None:
         energy = "n/a" if r["energy_kwh"] is None else f"{_amount(r['energy_kwh'])} kWh"
         lines.append(f"{_si(r['tokens'])} tokens: {_amount(r['gpu_hours'])} GPU-hours, {_amount(r['wall_days'])} days, "
