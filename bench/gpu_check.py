@@ -149,8 +149,7 @@ def fast_paths(cfg, device, opts, dtype) -> dict:
 
     fused = [g.get("fused") for o in opts for g in getattr(o, "param_groups", [])]
     return {"attention": resolve_backend(cfg.model.attention, device, dtype),
-            # the DeepSpeed engine does not go through kiln's parallelize: no compile there
-            "compile": cfg.parallel.engine == "native" and compile_enabled(cfg.parallel.compile, device),
+            "compile": compile_enabled(cfg.parallel.compile, device),
             "fused_adamw": bool(fused) and all(bool(f) for f in fused),
             "precision": str(mixed_precision_dtype(cfg, device)).replace("torch.", ""),
             "activation_checkpoint": cfg.parallel.activation_checkpoint}

@@ -11,6 +11,8 @@ interface as the native one; differences the train loop should know:
 - Checkpoints: `save_files` / `load_files` write and read DeepSpeed's own files with
   `engine.save_checkpoint` / `load_checkpoint` (ZeRO partitions are not DTensors); `state_dict` is
   empty, so the checkpoint manager writes no DCP files for it. Its files are screened before loading.
+- Recomputation (`parallel.activation_checkpoint`) and per-block compile are applied to the model
+  before DeepSpeed wraps it, as `parallelize` does for the native engine.
 - Initialization is always `full` (see kiln.parallel.init.init_mode): every rank materializes the whole fp32
   model and moves it to its device; ZeRO partitions it only inside `deepspeed.initialize`, so the
   model must fit on one device first (no `deepspeed.zero.Init` path; use the native engine's
@@ -31,7 +33,7 @@ from kiln.model.llama import count_params
 from kiln.model.moe import set_aux_loss_scale
 from kiln.model.loss import cross_entropy
 from kiln.parallel.init import FULL_INIT_MAX_BYTES, materialize
-from kiln.parallel.parallelize import mixed_precision_dtype
+from kiln.parallel.parallelize import apply_activation_checkpointing, compile_enabled, mixed_precision_dtype
 
 
 def deepspeed_config(cfg: Config, dp_size: int, device: torch.device) -> dict:
@@ -162,4 +164,11 @@ def setup_deepspeed(cfg: Config, model: nn.Module, world_size: int, rank: int) -
                       "rank before ZeRO partitions it; use parallel.engine=native for models that do not fit",
                       stacklevel=2)
     materialize(model, cfg.train.seed)
-    return DeepSpeedRuntime(cfg, model.to(device), device, rank, world_size)
+    model = model.to(device)
+    # Recompute and compile act on the model, whichever engine shards it (before: silently ignored).
+    if cfg.parallel.activation_checkpoint != "none":
+        apply_activation_checkpointing(model, cfg.parallel.activation_checkpoint)
+    if compile_enabled(cfg.parallel.compile, device):
+        for block in model.layers.values():
+            block.compile()
+    return DeepSpeedRuntime(cfg, model, device, rank, world_size)
