@@ -47,8 +47,8 @@ def plan_assumptions(paths: list[str]) -> dict:
 
 
 # The formula against `kiln estimate --measure` (docs/planning.md, bench/planner_memory.py): native
-# layouts read as low as 0.78 of the measured peak on held-out layouts (TP), DeepSpeed at real widths
-# as low as 0.55 (ZeRO-3 at 8B widths: 9.5 GiB formula, 17.2 measured).
+# layouts read as low as 0.78 of the measured peak on held-out layouts (TP); DeepSpeed as low as 0.83
+# on small widths and 0.87-0.88 at 8B widths (its terms do not scale with the width yet).
 LOWEST_NATIVE_RATIO = 0.78
 
 
@@ -56,8 +56,8 @@ def memory_caveat(engine: str, total: float, usable: float) -> str | None:
     """Say when the formula alone should not decide whether a layout fits: DeepSpeed always, a
     native layout when its measured peak could pass the usable memory at the formula's worst."""
     if engine == "deepspeed":
-        return ("DeepSpeed: the formula reads up to 45% below the measured peak at real widths "
-                "(docs/planning.md); check with --measure")
+        return ("DeepSpeed: the formula reads up to 17% below the measured peak and does not scale with the "
+                "width yet (docs/planning.md); check with --measure")
     if total > LOWEST_NATIVE_RATIO * usable:
         return (f"the formula's total is {total / usable:.0%} of usable memory and reads up to "
                 f"{1 - LOWEST_NATIVE_RATIO:.0%} low on some TP layouts (docs/planning.md); check with --measure")
