@@ -37,3 +37,16 @@ def test_bf16_autocast_is_close_to_fp32():
     assert rel_err(b_grads["output.weight"], grads["output.weight"]) < 5e-2
     assert b_loss != loss, "bf16 compute actually ran"
     assert rt.eval_loss(batch_for(0, 0, 0, make_cfg())) is not None
+
+
+@pytest.mark.parametrize("mode,runs", [("none", 1), ("full", 2), ("selective", 2)])
+def test_recompute_reruns_each_block_in_backward(mode, runs):
+    """Activation checkpointing is applied, not just accepted: with recompute the blocks' forward runs
+    again in backward (the loss and gradients are checked above and in the layout tests)."""
+    cfg = make_cfg([f"parallel.activation_checkpoint={mode}"])
+    rt = setup_parallel(cfg, Transformer(cfg.model), 1, 0)
+    calls = []
+    for block in rt.model_parts[0].layers.values():
+        block.attention.register_forward_hook(lambda *_: calls.append(1))
+    rt.forward_backward(batch_for(0, 0, 0, cfg), 1.0)
+    assert len(calls) == runs * len(rt.model_parts[0].layers)
