@@ -289,7 +289,8 @@ class OptimConfig:
     decay: str = one_of("cosine", "linear", "wsd", "constant")
     wsd_decay_fraction: float = ranged(0.2, 0, 1, lo_open=True)
     grad_clip: float = ranged(1.0, 0, note=" (0: no clipping)")
-    fused: str = one_of("auto", "on", "off")
+    # auto: fused AdamW where the device has it (kiln.optim.fused_adamw); true/false (YAML's on/off) force it
+    fused: Union[bool, str] = field(default="auto", metadata={"check": Check(choices=("auto", True, False))})
 
 
 @dataclass

@@ -19,13 +19,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device, di
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
 
 
-def fused_adamw(mode: str, device: torch.device, distributed: bool) -> bool:
-    """`optim.fused`: on/off as given; `auto` takes the fused kernel where the device has one for
-    these parameters (CUDA, sharded or not; CPU for a plain single-process model) and the foreach
-    kernel otherwise (DTensor shards on CPU)."""
+def fused_adamw(mode: bool | str, device: torch.device, distributed: bool) -> bool:
+    """`optim.fused`: true/false as given (YAML reads on/off as those); `auto` takes the fused kernel
+    where the device has one for these parameters (CUDA, sharded or not; CPU for a plain
+    single-process model) and the foreach kernel otherwise (DTensor shards on CPU)."""
     if mode == "auto":
         return device.type == "cuda" or not distributed
-    return mode == "on"
+    return mode is True
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:

@@ -28,10 +28,20 @@ def test_compile_choice(mode, device, expected):
 @pytest.mark.parametrize("mode, device, distributed, expected", [
     ("auto", CUDA, False, True), ("auto", CUDA, True, True),  # CUDA has fused kernels for DTensor shards too
     ("auto", CPU, False, True), ("auto", CPU, True, False),   # CPU: fused for plain tensors, foreach for shards
-    ("on", CPU, True, True), ("off", CUDA, False, False),
+    (True, CPU, True, True), (False, CUDA, False, False),
 ])
 def test_fused_adamw_choice(mode, device, distributed, expected):
     assert fused_adamw(mode, device, distributed) is expected
+
+
+@pytest.mark.parametrize("text, value", [("on", True), ("off", False), ("true", True), ("false", False), ("auto", "auto")])
+def test_fused_reads_yaml_on_off(text, value, tmp_path):
+    """YAML reads on/off as booleans; `optim.fused: off` once failed to load ("'False' is not one of")."""
+    from kiln.config import load_config
+
+    assert load_config([], ["data.synthetic=markov", f"optim.fused={text}"]).optim.fused == value
+    (tmp_path / "c.yaml").write_text(f"optim:\n  fused: {text}\n")
+    assert load_config([tmp_path / "c.yaml"], ["data.synthetic=markov"]).optim.fused == value
 
 
 @pytest.mark.parametrize("override, expected", [
