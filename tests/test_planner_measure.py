@@ -37,33 +37,42 @@ def test_formula_matches_the_measured_step(gpus, extra):
     assert 0.97 * measured["total"] <= formula["total"] <= 1.12 * measured["total"], (formula, measured)
 
 
-SUBSET = 6  # layouts from bench/planner_memory.py's seeded 100 (it prints the whole distribution)
+HELD_OUT = 27  # seed 2's first layouts (every kind is among them); the constants were fitted on seeds 0 and 1
 
 
-def _ratios(keep, count: int) -> list[tuple[float, str]]:
+def test_formula_against_measure_on_held_out_layouts():
+    """The issue's goal on held-out seeded layouts (FSDP2, TP, PP, DeepSpeed ZeRO-1/2/3; recompute,
+    sequence, micro-batch, accumulation): the formula within 10% of `--measure` for at least 90% of
+    them, and never "fits" where the measured step does not: at any usable memory below the
+    measured peak, `fits` (the formula with its margin) says no. bench/planner_memory.py prints
+    the whole distribution over 100 layouts per seed."""
     from kiln.planner.layouts import random_layouts
     from kiln.planner.measure import measure
+    from kiln.planner.memory import fits
 
-    picked = [x for x in random_layouts(60, seed=0) if keep(f" {x[0]} ")][:count]
-    assert len(picked) == count
-    return [(round(memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
-                   / measure(cfg, gpus)["total"], 3), label) for label, cfg, gpus in picked]
+    rows = []
+    for label, cfg, gpus in random_layouts(HELD_OUT, seed=2):
+        formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
+        rows.append((formula, measure(cfg, gpus)["total"], label))
+    kinds = {label.split()[0] if label.startswith("ds-") else label.split()[1] for *_, label in rows}
+    assert {"pp1", "pp2", "ds-zero1", "ds-zero2", "ds-zero3"} <= kinds, kinds  # every kind is in the sample
+    ratios = [(round(f / m, 3), label) for f, m, label in rows]
+    assert sum(abs(r - 1) <= 0.1 for r, _ in ratios) >= 0.9 * len(rows), ratios
+    wrong = [(r, label) for (f, m, label), (r, _) in zip(rows, ratios) if fits(f, 0.999 * m)]
+    assert not wrong, wrong
 
 
-def test_formula_against_measure_on_seeded_fsdp_layouts():
-    """Seeded random FSDP2 layouts (dp_shard, recompute, seq, micro-batch, accumulation) within 10%
-    of `--measure`, and not below it by more than 1%: short sequences peak at the end of backward
-    (the embedding's gradient), which the formula models (before: 0.82 on s256 b1)."""
-    ratios = _ratios(lambda x: " tp1 pp1 " in x and " ds-" not in x, SUBSET)
-    assert all(0.99 <= r <= 1.1 for r, _ in ratios), ratios
+def test_measure_builds_the_gpu_optimizer():
+    """`--measure` builds AdamW as a GPU run does (fused); the foreach kernel a CPU run of DTensor
+    shards gets makes a temporary copy of the state at the step, which the formula adds only for
+    `optim.fused: off` (YAML's false), and then reads above that measurement too."""
+    from kiln.planner.measure import measure
 
-
-def test_formula_against_measure_on_seeded_tp_and_pipeline_layouts():
-    """TP x FSDP2 and pipelines: 9 of these 10 within 10% (a 1F1B last stage reads 11% high), and
-    none below 0.9 of the measurement, so at the default 0.9 headroom none would "fit" wrongly."""
-    ratios = _ratios(lambda x: " tp1 pp1 " not in x and " ds-" not in x, 10)
-    assert sum(0.9 <= r <= 1.1 for r, _ in ratios) >= 9, ratios
-    assert min(r for r, _ in ratios) >= 0.9, ratios
+    over = BASE + ["parallel.tp=2", "parallel.dp_shard=1", "train.micro_batch=1", "data.seq_len=256"]
+    fused, foreach = (measure(load_config([], over + [f"optim.fused={mode}"]), 2)["total"] for mode in ("auto", "off"))
+    assert foreach > 1.04 * fused  # measured 363 vs 341 MiB
+    cfg = load_config([], over + ["optim.fused=off"])
+    assert memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, 2))["total"] >= foreach
 
 
 def test_measure_runs_every_layout_kind_and_refuses_interleaved_stages():

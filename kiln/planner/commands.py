@@ -455,8 +455,10 @@ def estimate_command(args) -> int:
         term = result["largest_term"]
         mem = result["memory_breakdown_gib"]
         sys.stdout.flush()
-        raise KilnError(f"does not fit: {mem['total']:.1f} GiB per GPU > {result['memory_usable_gib']:.1f} GiB usable "
-                        f"on {result['gpu']}; largest term {term} {mem[term]:.1f} GiB ({HINTS[term]})")
+        margin = result["fit_margin"]
+        raise KilnError(f"does not fit: {mem['total']:.1f} GiB per GPU (x {margin:g} margin for the formula's error: "
+                        f"{mem['total'] * margin:.1f}) > {result['memory_usable_gib']:.1f} GiB usable on "
+                        f"{result['gpu']}; largest term {term} {mem[term]:.1f} GiB ({HINTS[term]})")
     return 0
 
 

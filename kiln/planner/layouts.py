@@ -1,7 +1,8 @@
 """Seeded random layouts for checking the memory formula against `kiln estimate --measure`.
 
-Shared by tests/test_planner_measure.py (a small subset) and bench/planner_memory.py (100 layouts,
-the issue's goal: the formula within 10% of the measured peak for >= 90% of them, never below it).
+Shared by tests/test_planner_measure.py (a held-out subset) and bench/planner_memory.py (100 layouts
+per seed; the goal: the formula within 10% of the measured peak for >= 90% of them, and never
+"fits" where the measured step does not).
 Widths are small but realistic in shape (d 512-768, GQA or MHA, vocab 32k) so one fake-tensor step
 takes seconds on one CPU core.
 """

@@ -52,6 +52,7 @@ class Layout:
     sequence_parallel: bool = True
     schedule: str = "1f1b"
     engine: str = "native"  # native (FSDP2, fp32 params) | deepspeed (bf16 params + fp32 master)
+    fused_optimizer: bool = True  # AdamW's fused kernel (kiln's default on GPUs): no step temporaries
 
     @property
     def shard(self) -> int:
@@ -101,23 +102,24 @@ LOGITS_BYTES = 12.0
 # DeepSpeed ZeRO allocates its gradient reduce bucket at full size, reduce_bucket_size (5e8 elements
 # by default, kiln does not change it) x 2 bytes (bf16), even for a model smaller than the bucket.
 DEEPSPEED_REDUCE_BUCKET = 5e8 * 2
-# Pipeline last stage: the logits peak measured 16 s b V bytes (the schedule also keeps the stage's
-# output and the loss's fp32 input until backward), against 12 without a pipeline.
-LOGITS_BYTES_PIPELINE = 16.0
-# DeepSpeed: the engine returns bf16 logits (no fp32 output cast as FSDP2's policy has); measured
-# 4-6 s b V at the peak, 6 taken.
-LOGITS_BYTES_DEEPSPEED = 6.0
+# Pipeline last stage: the logits peak measured 14-15 s b V bytes beside the output layer's fp32
+# gradient (the schedule also keeps the stage's output and the loss's fp32 input until backward),
+# against 12 without a pipeline.
+LOGITS_BYTES_PIPELINE = 15.0
+# DeepSpeed: measured 12.3-12.4 s b V at d 1024 and 4096 with 4096-token sequences, where the logits
+# outweigh its bucket (an earlier 6, fitted on 40-60M models whose peak is the bucket, was wrong).
+LOGITS_BYTES_DEEPSPEED = 12.5
+TP_LOGITS_BYTES, TP_LOGITS_BYTES_SPLIT = 8.5, 6.0
 
 
 def logits_bytes(layout: Layout) -> float:
     """Bytes per logit (s b V) at the loss, as measured. Under kiln's TP the logits stay vocab-sharded
-    into `loss_parallel`, yet the measured peak shrinks far less than 1/t (about 10.5 s b V at t=2
-    and 10 at t=4, with or without a pipeline): the fp32 upcast and log-softmax work on gathered
-    rows. Fitted: 9 + 3/t."""
+    into `loss_parallel`, yet the measured peak shrinks far less than 1/t (about 11.2 s b V at t=2
+    and 10 at t=4, with or without a pipeline). Fitted: 8.5 + 6/t."""
     if layout.engine == "deepspeed":
         return LOGITS_BYTES_DEEPSPEED
     if layout.tp > 1:  # measured the same with and without a pipeline
-        return LOGITS_BYTES - 3.0 + 3.0 / layout.tp
+        return TP_LOGITS_BYTES + TP_LOGITS_BYTES_SPLIT / layout.tp
     return LOGITS_BYTES_PIPELINE if layout.pp > 1 else LOGITS_BYTES
 
 
@@ -190,9 +192,14 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     if layout.activation_checkpoint == "full":  # one layer's activations live during its recompute
         recompute = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel, "none",
                                                flash or cp > 1) + ring_stored
-    activations = layers * per_layer * in_flight + recompute
     logits = seq_len * b * m.vocab_size * logits_bytes(layout)
+    # Without a pipeline the recomputed layer lives in backward, after the loss has freed the logits'
+    # temporaries: the peak holds the larger of the two, not both (measured: the sum read 15-18% high
+    # at 8B widths). A pipeline's last stage holds both (its sum measured 3% low at 8B widths).
+    activations = layers * per_layer * in_flight + (recompute if layout.pp > 1 else max(0.0, recompute - logits))
     if layout.pp > 1:  # the fuller of the first stage (in flight) and the last (one micro-batch + logits)
+        if native:  # 1F1B's last stage makes the output layer's fp32 gradient beside the logits
+            logits += 4 * m.vocab_size * m.d_model / t
         last = layers * per_layer * (in_flight if layout.schedule == "gpipe" else 1) + recompute
         if activations >= last + logits:
             logits = 0.0
@@ -209,6 +216,8 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     layer_p = layer_matrix_params(m) / t
     if not native and z >= 1:
         comm = DEEPSPEED_REDUCE_BUCKET
+        if z >= 3:  # ZeRO-3 keeps a vocabulary table and a layer gathered (bf16) at the loss
+            comm += 2 * m.vocab_size * m.d_model + 2 * layer_p
     elif z >= 3 and shard > 1:
         comm = 2 * 2 * layer_p + 4 * layer_p
     else:
@@ -218,54 +227,108 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     terms = {"weights": weights, "grads": grads, "optimizer": optimizer, "activations": activations,
              "logits": logits, "comm_buffers": comm}
     # Without accumulation the peak is at the loss, before backward allocates any gradient (as
-    # measured); with accumulation (or a pipeline's micro-batches) gradients live through forward.
-    holds_grads = layout.grad_accum > 1 or layout.pp > 1
-    at_loss = sum(terms.values()) - (0.0 if holds_grads else grads)
-    terms["total"] = max(at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations))
+    # measured); with accumulation (or, without FSDP, a pipeline's micro-batches) gradients live
+    # through forward. FSDP reduce-scatters each micro-batch's gradients (measured: none at the peak).
+    holds_grads = layout.grad_accum > 1 or (layout.pp > 1 and shard == 1)
+    if native:
+        at_loss = sum(terms.values()) - (0.0 if holds_grads else grads)
+        terms["total"] = max(at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations))
+    else:
+        terms["total"] = deepspeed_peak(m, layout, p, terms, holds_grads)
     return terms
+
+
+def deepspeed_tables(m: ModelConfig) -> float:
+    """Bytes of the bf16 vocabulary tables (embedding, and the output layer unless tied)."""
+    return 2 * m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
+
+
+def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[str, float], holds_grads: bool) -> float:
+    """DeepSpeed ZeRO's peak: the larger of the one at the loss (model state, activations, logits;
+    gradients too when they are held across micro-batches) and the ones at the gradient reduction
+    and the step. ZeRO-1/2 hold every bf16 gradient (2 B/param) beside the reduce bucket or, at the
+    step, the fp32 gradient partition (4 B/param / shard); when the bucket is allocated, at the first
+    gradient, every activation is still held (and, ZeRO-2 with accumulation, the fp32 partition). ZeRO-3 at the step holds its bf16 and fp32
+    gradient partitions (6 B/param / shard) beside the bucket; in backward, 2 B/param / shard of
+    gradient partition and twice the bf16 tables (gathered, and their gradients).
+    Measured with `--measure` at d 1024 and 4096, shard 2 and 8, sequences 1024 and 4096: the peaks
+    never coincide, so the older sum of every term read up to 26% high and, at 8B widths, its
+    6 B/logit 12% low."""
+    z, shard = layout.zero, layout.shard
+    bucket = DEEPSPEED_REDUCE_BUCKET if z >= 1 else 0.0
+    state = terms["weights"] + terms["optimizer"] + terms["comm_buffers"] - bucket
+    at_loss = state + terms["activations"] + terms["logits"] + (terms["grads"] if holds_grads else 0.0)
+    if z >= 3:
+        partitions = terms["weights"] + terms["optimizer"]
+        at_reduce = max(partitions + 6 * params / shard, partitions + 2 * params / shard + 2 * deepspeed_tables(m))
+        at_reduce += bucket
+    else:  # the bucket is allocated at the first gradient (the output layer's), activations all held
+        at_reduce = max(state + 2 * params + max(bucket, 4 * params / (shard if z >= 1 else 1)),
+                        state + bucket + terms["activations"] + deepspeed_tables(m) / 2
+                        + (4 * params / shard if z == 2 and layout.grad_accum > 1 else 0.0))
+    return max(at_loss, at_reduce)
 
 
 # End of backward (native engine): the embedding's gradient is made last, dense over the whole
 # vocabulary, while every other gradient is already reduced and the optimizer state is resident.
 # Measured with `kiln estimate --measure` (bench/planner_memory.py), per entry of a tp rank's
 # vocabulary slice, under FSDP2: 10 bytes (its bf16 gradient, the fp32 copy FSDP2 reduces and the
-# reduce-scatter buffer), 14 with accumulation (the running sum is added to). TP without FSDP: the
-# optimizer step peaks 40% above Adam's state (DTensor foreach temporaries; the cause is not
-# established, so it scales with the state, the safe side for large models).
+# reduce-scatter buffer), 14 with accumulation (the running sum is added to). AdamW without its
+# fused kernel (`optim.fused: false`) makes a temporary fp32 copy of the state it updates at the step
+# (measured +43% of Adam's 8 B/param, taken as 50%). Without FSDP, gradients held across
+# micro-batches (accumulation, a pipeline) peak at the end of backward 8 bytes per entry of the
+# whole vocabulary table above model state (measured at d 512/1024, V 32k/64k, tp 1-8, the same at
+# every tp; cause not established), plus under TP one fp32 slice of the table.
 EMBED_GRAD_BYTES, EMBED_GRAD_BYTES_ACCUM = 10.0, 14.0
-TP_OPTIMIZER_STEP = 1.4
+UNFUSED_STEP = 0.5
+HELD_GRADS_VOCAB_BYTES = 8.0
 
 
 def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads: float, optimizer: float,
                           activations: float) -> float:
     """The other peaks of a step with little activation memory (short sequences, few tokens per
     micro-batch): model state plus the embedding's gradient transients under FSDP2; without FSDP,
-    whole gradients build up while saved activations are still held (bounded by their sum), and
-    under TP the optimizer step's temporaries. DeepSpeed's own buckets are in comm_buffers."""
-    if layout.engine != "native":
-        return 0.0
+    whole gradients build up while saved activations are still held (bounded by their sum); the
+    optimizer step's temporaries without the fused kernel."""
     state = weights + grads + optimizer
+    step = state + (0.0 if layout.fused_optimizer else UNFUSED_STEP * optimizer)
+    table = m.vocab_size * m.d_model
     if layout.shard > 1:
         per_entry = EMBED_GRAD_BYTES_ACCUM if layout.grad_accum > 1 else EMBED_GRAD_BYTES
-        return state + per_entry * m.vocab_size * m.d_model / layout.tp
-    step = state + (TP_OPTIMIZER_STEP - 1) * optimizer if layout.tp > 1 else state
-    return max(state + activations, step)
+        return max(step, state + per_entry * table / layout.tp)
+    peaks = [step, state + activations]
+    if layout.grad_accum > 1 or layout.pp > 1:
+        peaks.append(state + activations + HELD_GRADS_VOCAB_BYTES * table + (4 * table / layout.tp if layout.tp > 1 else 0))
+    return max(peaks)
+
+
+# The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts, and the
+# 8B-width layouts of docs/planning.md): its lowest reading was 0.963 of the measured peak. A layout
+# fits when its total with this margin is within the usable memory, so the formula does not say
+# "fits" where the measured step does not. It reads high by up to 20-33% on a few layouts (ZeRO-3,
+# TP x PP with short sequences): `--measure` settles those.
+FIT_MARGIN = 1.05
+
+
+def fits(total: float, usable: float) -> bool:
+    """Whether a formula total fits `usable` bytes, with the margin for the formula's error."""
+    return total * FIT_MARGIN <= usable
 
 
 def longest_seq_len(m: ModelConfig, layout: Layout, usable_bytes: float, grad_bytes: int = 4,
                     flash: bool = True, limit: int = 2 ** 24) -> int:
     """The longest sequence (tokens, a multiple of what the layout needs: 2*cp chunks, split by tp
-    under sequence parallelism) whose per-GPU total fits in `usable_bytes`; 0 if none does. Memory
+    under sequence parallelism) whose per-GPU total `fits` in `usable_bytes`; 0 if none does. Memory
     grows with the length, so a binary search over multiples of that unit finds it."""
     unit = 2 * layout.cp if layout.cp > 1 else 1
     if layout.sequence_parallel and layout.tp > 1:
         unit = unit * layout.tp // math.gcd(unit, layout.tp)
 
-    def fits(units: int) -> bool:
-        return memory_breakdown(m, units * unit, layout, grad_bytes, flash)["total"] <= usable_bytes
+    def fits_units(units: int) -> bool:
+        return fits(memory_breakdown(m, units * unit, layout, grad_bytes, flash)["total"], usable_bytes)
 
     lo, hi = 0, limit // unit
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        lo, hi = (mid, hi) if fits_units(mid) else (lo, mid - 1)
     return lo * unit
