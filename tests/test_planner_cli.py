@@ -119,10 +119,14 @@ def test_estimate_says_when_to_check_with_measure(extra, rc, says, capsys):
 def test_the_fit_verdict_keeps_the_margin():
     """`fits` is the formula total times FIT_MARGIN within the usable memory: a total of 96% of it fits
     without the margin but not with it, so the planner and estimate refuse it."""
-    from kiln.planner.memory import FIT_MARGIN, fits
+    from kiln.config import load_config
+    from kiln.planner.memory import FIT_MARGIN, FIT_MARGIN_MOE, fit_margin, fits
 
-    assert FIT_MARGIN > 1
+    assert 1 < FIT_MARGIN < FIT_MARGIN_MOE
     assert fits(0.9 / FIT_MARGIN, 0.9) and not fits(0.96 * 0.9, 0.9)
+    dense = load_config([], ["data.synthetic=markov"]).model
+    moe = load_config([], ["data.synthetic=markov", "model.moe.n_experts=4"]).model
+    assert fit_margin(dense) == FIT_MARGIN and fit_margin(moe) == FIT_MARGIN_MOE
 
 
 def test_unique_tokens_plans_with_the_repeated_data_law(capsys):

@@ -33,14 +33,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch._grouped_mm needs 16-byte aligned rows and one dtype; on CUDA (and under torch.compile)
-    it is a bf16 kernel (sm90+ on CUDA)."""
+    """torch._grouped_mm needs 16-byte aligned rows and one dtype; on CUDA (and under torch.compile
+    or fake tensors) it is a bf16 kernel (sm90+ on CUDA)."""
+    from torch._subclasses.fake_tensor import is_fake
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):
         return False
-    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:  # its meta kernel accepts bf16 only
-        return False
+    if x.dtype != torch.bfloat16 and (torch.compiler.is_compiling() or is_fake(x)):
+        return False  # its meta kernel (torch.compile, `kiln estimate --measure`) accepts bf16 only
     if x.device.type not in ("cpu", "cuda") or x.dtype != w.dtype:  # autocast does not cover it
         return False
     width = x.element_size()
@@ -120,19 +121,31 @@ class MoEFeedForward(nn.Module):
         self.stats = {"aux_loss": balance.detach(), "z_loss": z.detach(), "load": share.mean(0).detach()}
         return top_idx, gates, self.aux_loss_weight * balance + self.z_loss_weight * z
 
+    def capacity(self, assignments: int) -> int | None:
+        """Assignments one expert takes at most (None: dropless)."""
+        if self.capacity_factor is None:
+            return None
+        return max(1, math.ceil(self.capacity_factor * assignments / self.n_experts))
+
+    def assign(self, expert_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, counts): the assignments (indices into the flat top-k `expert_of`) grouped by
+        expert in token order, and how many each expert takes; with a capacity, each expert's
+        assignments past it are dropped. The one data-dependent step of the layer."""
+        order = expert_of.argsort(stable=True)
+        counts = torch.bincount(expert_of, minlength=self.n_experts)
+        capacity = self.capacity(expert_of.numel())
+        if capacity is not None:
+            starts = counts.cumsum(0) - counts
+            position = torch.arange(order.numel(), device=expert_of.device) - starts[expert_of[order]]
+            order = order[position < capacity]
+            counts = counts.clamp(max=capacity)
+        return order, counts
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, dim = x.shape
         flat = x.reshape(-1, dim)
         top_idx, gates, aux = self.route(x)
-        expert_of = top_idx.flatten()
-        order = expert_of.argsort(stable=True)  # assignments grouped by expert, in token order
-        counts = torch.bincount(expert_of, minlength=self.n_experts)
-        if self.capacity_factor is not None:  # drop each expert's assignments past its capacity
-            capacity = max(1, math.ceil(self.capacity_factor * flat.shape[0] * self.top_k / self.n_experts))
-            starts = counts.cumsum(0) - counts
-            position = torch.arange(order.numel(), device=x.device) - starts[expert_of[order]]
-            order = order[position < capacity]
-            counts = counts.clamp(max=capacity)
+        order, counts = self.assign(top_idx.flatten())
         token_of = order // self.top_k
         routed = self.experts(flat[token_of], counts)
         weighted = routed * gates.flatten()[order, None].to(routed.dtype)

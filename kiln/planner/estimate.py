@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.config import Config, resolve_world, tokens_per_step
 from kiln.planner import cost as costs
 from kiln.hardware import lookup
-from kiln.planner.memory import FIT_MARGIN, GIB, Layout, fits, longest_seq_len, memory_breakdown
+from kiln.planner.memory import GIB, Layout, fit_margin, fits, longest_seq_len, memory_breakdown
 
 
 def layout_of(cfg: Config, gpus: int) -> Layout:
@@ -52,12 +52,12 @@ def plan_assumptions(paths: list[str]) -> dict:
 HIGHEST_RATIO = 1.33
 
 
-def memory_caveat(total: float, usable: float) -> str | None:
+def memory_caveat(total: float, usable: float, margin: float) -> str | None:
     """Say when the formula alone should not refuse a layout: its total with the margin is over the
     usable memory by less than the most it was seen to read above a measured step."""
-    with_margin = total * FIT_MARGIN
+    with_margin = total * margin
     if usable < with_margin <= usable * HIGHEST_RATIO:
-        return (f"the formula with its {FIT_MARGIN - 1:.0%} margin is {with_margin / usable:.0%} of usable memory "
+        return (f"the formula with its {margin - 1:.0%} margin is {with_margin / usable:.0%} of usable memory "
                 f"and reads up to {HIGHEST_RATIO - 1:.0%} above a measured step on some layouts "
                 "(docs/planning.md); check with --measure")
     return None
@@ -91,8 +91,8 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
                    "activation_checkpoint": lay.activation_checkpoint},
         "memory_breakdown_gib": {k: v / GIB for k, v in mem.items()},
         "memory_gib_per_gpu": mem["total"] / GIB, "memory_usable_gib": usable / GIB,
-        "fits": fits(mem["total"], usable), "fit_margin": FIT_MARGIN, "largest_term": largest,
-        "memory_caveat": memory_caveat(mem["total"], usable),
+        "fits": fits(mem["total"], usable, fit_margin(cfg.model)), "fit_margin": fit_margin(cfg.model),
+        "largest_term": largest, "memory_caveat": memory_caveat(mem["total"], usable, fit_margin(cfg.model)),
         "longest_seq_len": longest_seq_len(cfg.model, lay, usable, flash=flash),
         "mfu": used_mfu, "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
         "energy_kwh": run.energy_kwh,

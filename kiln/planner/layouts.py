@@ -16,8 +16,10 @@ from kiln.errors import ConfigError
 
 def random_layouts(n: int, seed: int = 0) -> list[tuple[str, Config, int]]:
     """`n` valid (label, config, gpus) triples: native FSDP2 with tp/pp/dp_shard, selective or full
-    recompute, accumulation, and DeepSpeed ZeRO-1/2/3."""
+    recompute, accumulation, a quarter of them MoE (experts, top-k, shared experts, every n-th layer,
+    dropless or capacity 1.25), and DeepSpeed ZeRO-1/2/3."""
     rng = random.Random(seed)
+    moe_rng = random.Random(f"moe-{seed}")  # its own stream: the other layouts stay those of before MoE
     out: list[tuple[str, Config, int]] = []
     while len(out) < n:
         d, heads, kv = rng.choice([(512, 8, 8), (512, 8, 2), (768, 12, 4)])
@@ -36,6 +38,16 @@ def random_layouts(n: int, seed: int = 0) -> list[tuple[str, Config, int]]:
                 f"parallel.dp_shard={shard}", f"parallel.activation_checkpoint={ac}", f"train.micro_batch={micro}",
                 f"train.global_batch_tokens={micro * seq * shard * accum}"]
         label = f"tp{tp} pp{pp} dp{shard} {ac} s{seq} b{micro} acc{accum} d{d}/{kv}kv L{layers}"
+        if moe_rng.random() < 0.25 and not deepspeed:  # MoE: every layer, or every second
+            experts, top_k = moe_rng.choice([(4, 1), (4, 2), (8, 2)])
+            shared, every = moe_rng.choice([0, 0, 1]), moe_rng.choice([1, 2])
+            capacity = moe_rng.choice([None, None, 1.25])
+            over += [f"model.moe.n_experts={experts}", f"model.moe.top_k={top_k}",
+                     f"model.moe.shared_experts={shared}", f"model.moe.every_n_layers={every}"]
+            if capacity is not None:
+                over.append(f"model.moe.capacity_factor={capacity}")
+            label += f" moe{experts}x{top_k}" + (f"+{shared}" if shared else "") + (f"/{every}" if every > 1 else "") + \
+                (f" cf{capacity}" if capacity else "")
         if deepspeed:
             zero = rng.choice([1, 2, 3])
             over += ["parallel.engine=deepspeed", f"parallel.zero_stage={zero}"]

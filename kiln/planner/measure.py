@@ -12,7 +12,8 @@ included (the usable headroom covers them).
 
 Fake tensors have shapes but no values, so the few places that read values are answered for the
 fake world by `_fake_friendly_setup` (pipeline P2P votes and shape exchange, DeepSpeed's overflow and
-cross-rank checks, meshes built inside FSDP); each such answer is the one a training step gets.
+cross-rank checks, meshes built inside FSDP, MoE routing: balanced); each such answer is the one a
+training step gets (for the router, its balanced steady state).
 Interleaved pipeline stages would need another rank's activations first and are refused in one line.
 """
 from __future__ import annotations
@@ -132,6 +133,13 @@ def _fake_friendly_setup():
         return _StageForwardMeta(forward_metas=tuple(_local_meta(m) for m in _STAGE_OUTPUTS[0]))
 
     pp_stage.PipelineStage._recv_meta = own_output_meta
+    # MoE routing is the one data-dependent step of the model (which expert takes how many
+    # tokens); fake tensors have no values, so every expert takes an equal share, as the formula
+    # assumes (a balanced router's steady state), capped at its capacity when one is set.
+    from kiln.model.moe import MoEFeedForward
+
+    assign = MoEFeedForward.assign
+    MoEFeedForward.assign = _balanced_assign
     undo = _patch_values_deepspeed_reads()
     torch.nn.Module.to, runtime.build_mesh, DeviceMesh.__init__ = to, real_mesh, real_mesh_init
     try:
@@ -140,7 +148,24 @@ def _fake_friendly_setup():
         torch.nn.Module.to, runtime.build_mesh, DeviceMesh.__init__ = original, build_mesh, mesh_init
         schedules._PipelineSchedule._warmup_p2p = warmup
         pp_stage.PipelineStage._recv_meta = recv_meta
+        MoEFeedForward.assign = assign
         undo()
+
+
+def _balanced_assign(self, expert_of: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoEFeedForward.assign for the fake world: the n assignments split evenly over the experts
+    (the first n % experts take one more), each capped at the layer's capacity; the counts are real
+    (the expert loop reads them), the order fake."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    n, experts = expert_of.numel(), self.n_experts
+    counts = [n // experts + (1 if e < n % experts else 0) for e in range(experts)]
+    capacity = self.capacity(n)
+    if capacity is not None:
+        counts = [min(c, capacity) for c in counts]
+    with unset_fake_temporarily():
+        real = torch.tensor(counts)
+    return torch.arange(sum(counts), device=expert_of.device), real
 
 
 def _local_meta(meta):
@@ -239,6 +264,10 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
         cfg.optim.fused = True
     cfg.parallel.init = "full"  # fake tensors: "full" init allocates nothing; steady-state memory is the same
     parallel_dims(cfg, gpus)
+    if cfg.parallel.ep > 1:
+        raise KilnError("--measure: expert parallelism (parallel.ep > 1) exchanges per-expert token counts, "
+                        "which fake tensors do not have; measure with parallel.ep=1 (the experts then sit on "
+                        "every rank, an upper bound)")
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     # DeepSpeed ZeRO-3 replaces torch.nn.functional.linear process-wide and never puts it back;
     # later measurements in this process (autocast layouts) would then read about 5% low.
