@@ -119,3 +119,32 @@ def test_measure_routes_moe_evenly_and_refuses_expert_parallelism():
     assert counts.tolist() == [2, 2, 2, 2] and order.numel() == 8  # 10 assignments, capacity ceil(0.5*10/4) = 2
     with pytest.raises(KilnError, match="expert parallelism"):
         measure(load_config([], moe + ["parallel.ep=2"]), 2)
+
+
+def test_estimate_measure_on_the_command_line(capsys):
+    """`kiln estimate --measure`: progress on stderr (a large step takes CPU-minutes), clean JSON on
+    stdout, and the verdict from the measured peak."""
+    import json
+
+    from kiln.cli import main
+
+    over = BASE + ["parallel.pp=2", "parallel.dp_shard=1", "train.micro_batch=2"]
+    assert main(["estimate", *over, "--gpu", "h100", "--gpus", "2", "--measure", "--json"]) == 0
+    out, err = capsys.readouterr()
+    result = json.loads(out)
+    assert result["fits"] and result["measured_where"]["stage"] == 1 and result["measured_gib"]["total"] > 0
+    assert "rank 0 (1 of 2)" in err and "rank 1 (2 of 2)" in err and err.count("done in") == 2
+
+
+def test_measure_json_stays_json_with_deepspeed():
+    """DeepSpeed logs to stdout when imported; `kiln estimate --measure --json` keeps stdout JSON (a
+    fresh process, as a user runs it: the logger binds its stream at import)."""
+    import json
+    import subprocess
+    import sys
+
+    over = BASE + ["parallel.engine=deepspeed", "parallel.zero_stage=1", "parallel.dp_shard=2"]
+    proc = subprocess.run([sys.executable, "-m", "kiln.cli", "estimate", *over, "--gpu", "h100", "--gpus", "2",
+                           "--measure", "--json"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["measured_gib"]["total"] > 0.9  # DeepSpeed's 0.93 GiB reduce bucket alone

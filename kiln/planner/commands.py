@@ -434,7 +434,11 @@ def estimate_command(args) -> int:
         from kiln.planner.measure import measure
         from kiln.planner.memory import GIB
 
-        measured = measure(cfg, result["gpus"])
+        import contextlib
+
+        # Libraries imported while measuring (DeepSpeed) log to stdout; --json's stdout stays JSON.
+        with contextlib.redirect_stdout(sys.stderr):
+            measured = measure(cfg, result["gpus"], progress=lambda line: print(line, file=sys.stderr, flush=True))
         result["measured_where"] = {k: int(measured.pop(k)) for k in ("rank", "stage") if k in measured}
         result["measured_gib"] = {k: v / GIB for k, v in measured.items()}
         result["fits"] = measured["total"] <= result["memory_usable_gib"] * GIB

@@ -71,7 +71,7 @@ def _forget_deepspeed_groups() -> None:
 
 
 @contextlib.contextmanager
-def _fake_friendly_setup():
+def _fake_friendly_setup(deepspeed: bool):
     """setup_parallel calls `model.to(cpu)` on a model already there; with fake parameters torch
     tries to swap them and fails (the fake-tensor cache holds weak references). Skip such moves."""
     original = torch.nn.Module.to
@@ -140,7 +140,7 @@ def _fake_friendly_setup():
 
     assign = MoEFeedForward.assign
     MoEFeedForward.assign = _balanced_assign
-    undo = _patch_values_deepspeed_reads()
+    undo = _patch_values_deepspeed_reads() if deepspeed else (lambda: None)
     torch.nn.Module.to, runtime.build_mesh, DeviceMesh.__init__ = to, real_mesh, real_mesh_init
     try:
         yield
@@ -229,18 +229,29 @@ def _step_tracker_class():
     return StepTracker
 
 
-def measure(cfg: Config, gpus: int) -> dict:
+def measure(cfg: Config, gpus: int, progress=None) -> dict:
     """Peak bytes per category (and 'total') of the fullest GPU of `cfg` on `gpus` ranks: rank 0, and
     with a pipeline also the first rank of the last stage (the output layer and the logits live
-    there); 'rank' and 'stage' say which one it was."""
+    there); 'rank' and 'stage' say which one it was. `progress(line)`, if given, hears when each
+    rank's step starts and how long it took (a large model's step takes CPU-minutes)."""
+    import time
+
     from kiln.config import resolve_world
 
     world = resolve_world(cfg, gpus)
-    _STAGE_OUTPUTS.clear()
-    results = [dict(_measure_rank(cfg, gpus, 0), rank=0, stage=0)]
+    ranks = [(0, 0)]
     if world["pp"] > 1:
-        last = (world["pp"] - 1) * (gpus // world["pp"])
-        results.append(dict(_measure_rank(cfg, gpus, last), rank=last, stage=world["pp"] - 1))
+        ranks.append(((world["pp"] - 1) * (gpus // world["pp"]), world["pp"] - 1))
+    _STAGE_OUTPUTS.clear()
+    results = []
+    for i, (rank, stage) in enumerate(ranks, 1):
+        start = time.monotonic()
+        if progress:
+            progress(f"--measure: rank {rank} ({i} of {len(ranks)}): one fake-tensor training step of "
+                     f"{cfg.model.n_layers} layers on the CPU...")
+        results.append(dict(_measure_rank(cfg, gpus, rank), rank=rank, stage=stage))
+        if progress:
+            progress(f"--measure: rank {rank} done in {time.monotonic() - start:.0f} s")
     return max(results, key=lambda r: r["total"])
 
 
@@ -274,7 +285,7 @@ def _measure_rank(cfg: Config, gpus: int, rank: int) -> dict:
     linear = torch.nn.functional.linear
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(gpus), "LOCAL_RANK": "0"})
     try:
-        with _fake_world(gpus, rank), _fake_friendly_setup(), FakeTensorMode(allow_non_fake_inputs=True):
+        with _fake_world(gpus, rank), _fake_friendly_setup(cfg.parallel.engine == "deepspeed"), FakeTensorMode(allow_non_fake_inputs=True):
             model = Transformer(cfg.model)  # fake parameters: shapes only
             rt = setup_parallel(cfg, model, gpus, rank)
             del model
