@@ -10,10 +10,11 @@ Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
   activations Korthikanti et al. 2022 (arXiv 2205.05198)'s per-layer structure with constants
               measured on kiln's model (ACT_*), times layers per stage, times micro-batches in
               flight (1F1B: min(pp, microbatches) on the first stage)
-  logits      12 s b V / t bytes, measured (Korthikanti sec. 4.3 counts 4 s b V)
+  logits      12 s b V bytes, measured (Korthikanti sec. 4.3 counts 4 s b V); other constants
+              under TP, on a pipeline's last stage and under DeepSpeed (logits_bytes)
   comm        FSDP all-gather of two unsharded bf16 layers (current + prefetch) and one fp32
-              reduce-scatter layer; DDP/ZeRO-1/2 gradient buckets (2 x 25 MB); TP/SP and
-              pipeline send/receive buffers of 2 s b h bytes each.
+              reduce-scatter layer; DeepSpeed's reduce bucket; DDP gradient buckets (2 x 25 MB);
+              TP/SP and pipeline send/receive buffers of 2 s b h bytes each.
   context     context parallelism (cp > 1): every sequence-proportional term above uses the cp rank's
               s / cp tokens; kiln's ring attention (kiln/parallel/context.py) also keeps fp32 copies of
               q, k, v and the attention output per layer, and its ring holds k/v (and in backward their
@@ -23,8 +24,10 @@ stage, output on the last); ZeRO stage z shards optimizer (z>=1), grads (z>=2) a
 over the data-parallel shard degree. With a pipeline, the activation terms are those of the fuller
 stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one micro-batch and
 the logits); both hold one vocabulary table.
-The total is the larger of the peak at the loss and the one after it (`end_of_backward_bytes`),
-which wins with few tokens per micro-batch.
+The total is the largest of the step's peaks, not the sum of every term: the one at the loss and
+the ones after it (`end_of_backward_bytes`, which win with few tokens per micro-batch; DeepSpeed's
+gradient reduction and step, `deepspeed_peak`). Every constant was measured with `kiln estimate
+--measure` (bench/planner_memory.py); `fits` adds the margin that covers the formula's error.
 """
 from __future__ import annotations
 
@@ -275,9 +278,10 @@ def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[st
     gradients too when they are held across micro-batches) and the ones at the gradient reduction
     and the step. ZeRO-1/2 hold every bf16 gradient (2 B/param) beside the reduce bucket or, at the
     step, the fp32 gradient partition (4 B/param / shard); when the bucket is allocated, at the first
-    gradient, every activation is still held (and, ZeRO-2 with accumulation, the fp32 partition). ZeRO-3 at the step holds its bf16 and fp32
-    gradient partitions (6 B/param / shard) beside the bucket; in backward, 2 B/param / shard of
-    gradient partition and twice the bf16 tables (gathered, and their gradients).
+    gradient, every activation is still held (and, ZeRO-2 with accumulation, the fp32 partition).
+    ZeRO-3 at the step holds its bf16 and fp32 gradient partitions (6 B/param / shard) beside the
+    bucket; in backward, 2 B/param / shard of gradient partition and twice the bf16 tables
+    (gathered, and their gradients).
     Measured with `--measure` at d 1024 and 4096, shard 2 and 8, sequences 1024 and 4096: the peaks
     never coincide, so the older sum of every term read up to 26% high and, at 8B widths, its
     6 B/logit 12% low."""
@@ -325,15 +329,16 @@ def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads:
         return max(step, state + per_entry * table / layout.tp)
     peaks = [step, state + activations]
     if layout.grad_accum > 1 or layout.pp > 1:
-        peaks.append(state + activations + HELD_GRADS_VOCAB_BYTES * table + (4 * table / layout.tp if layout.tp > 1 else 0))
+        slice_grad = 4 * table / layout.tp if layout.tp > 1 else 0.0
+        peaks.append(state + activations + HELD_GRADS_VOCAB_BYTES * table + slice_grad)
     return max(peaks)
 
 
 # The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts, and the
-# 8B-width layouts of docs/planning.md): its lowest reading was 0.963 of the measured peak. A layout
-# fits when its total with this margin is within the usable memory, so the formula does not say
-# "fits" where the measured step does not. It reads high by up to 20-33% on a few layouts (ZeRO-3,
-# TP x PP with short sequences): `--measure` settles those.
+# 8B-width layouts of docs/planning.md): its lowest reading on a dense model was 0.963 of the
+# measured peak. A layout fits when its total with this margin is within the usable memory, so the
+# formula does not say "fits" where the measured step does not. It reads high by up to 20-33% on a
+# few layouts (ZeRO-3, TP x PP with short sequences, MoE under TP): `--measure` settles those.
 FIT_MARGIN = 1.05
 # MoE models: checked on 72 layouts (4 seeds), the lowest reading 0.913 (a pipeline without FSDP,
 # full recompute, MoE every second layer), so their margin is 10%.
