@@ -45,7 +45,8 @@ class Check:
         if value is None or isinstance(value, bool):
             return None
         if self.choices:
-            return None if value in self.choices else f"{value!r} is not one of {', '.join(map(str, self.choices))}"
+            names = ", ".join(str(c).lower() if isinstance(c, bool) else str(c) for c in self.choices)  # YAML spelling
+            return None if value in self.choices else f"{value!r} is not one of {names}"
         if self.name:
             if not (isinstance(value, str) and _PLAIN_NAME.fullmatch(value)):
                 return (f"{str(value)[:60]!r} must be a plain name (letters, digits, '.', '_', '-'; at most "

@@ -44,6 +44,14 @@ def test_fused_reads_yaml_on_off(text, value, tmp_path):
     assert load_config([tmp_path / "c.yaml"], ["data.synthetic=markov"]).optim.fused == value
 
 
+def test_fused_names_its_choices_as_yaml_spells_them():
+    from kiln.config import load_config
+    from kiln.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="optim.fused.*'maybe' is not one of auto, true, false"):
+        load_config([], ["data.synthetic=markov", "optim.fused=maybe"])
+
+
 @pytest.mark.parametrize("override, expected", [
     ([], "auto"), (["parallel.compile=true"], True), (["parallel.compile=false"], False),
     (["parallel.compile=on"], True), (["parallel.compile=auto"], "auto"),
