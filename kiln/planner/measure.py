@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+from typing import Callable
 
 import torch
 
@@ -229,7 +230,7 @@ def _step_tracker_class():
     return StepTracker
 
 
-def measure(cfg: Config, gpus: int, progress=None) -> dict:
+def measure(cfg: Config, gpus: int, progress: Callable[[str], None] | None = None) -> dict:
     """Peak bytes per category (and 'total') of the fullest GPU of `cfg` on `gpus` ranks: rank 0, and
     with a pipeline also the first rank of the last stage (the output layer and the logits live
     there); 'rank' and 'stage' say which one it was. `progress(line)`, if given, hears when each

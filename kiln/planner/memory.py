@@ -307,9 +307,11 @@ def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[st
 # reduce-scatter buffer), 14 with accumulation (the running sum is added to). AdamW without its
 # fused kernel (`optim.fused: false`) makes a temporary fp32 copy of the state it updates at the step
 # (measured +43% of Adam's 8 B/param, taken as 50%). Without FSDP, gradients held across
-# micro-batches (accumulation, a pipeline) peak at the end of backward 8 bytes per entry of the
-# whole vocabulary table above model state (measured at d 512/1024, V 32k/64k, tp 1-8, the same at
-# every tp; cause not established), plus under TP one fp32 slice of the table.
+# micro-batches (accumulation, a pipeline) peak in the output layer's backward 8 bytes per entry of
+# the whole vocabulary table above model state: at tp 1, autocast's bf16 copy of the output matrix,
+# its bf16 gradient and the fp32 cast that is added to the running sum (2 + 2 + 4). Measured at d
+# 512/1024, V 32k/64k, tp 1-8: the same at every tp, not divided by t (why is not established),
+# plus under TP one fp32 slice of the table.
 EMBED_GRAD_BYTES, EMBED_GRAD_BYTES_ACCUM = 10.0, 14.0
 UNFUSED_STEP = 0.5
 HELD_GRADS_VOCAB_BYTES = 8.0
