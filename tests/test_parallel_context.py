@@ -126,8 +126,8 @@ def test_estimate_activations_fall_with_cp():
     assert longest == sorted(longest) and longest[-1] > 4 * longest[0]
     lay = Layout(dp=1, cp=8, activation_checkpoint="full")
     n = longest_seq_len(m, lay, 70 * GIB)
-    assert n % 16 == 0 and fits(memory_breakdown(m, n, lay)["total"], 70 * GIB)
-    assert not fits(memory_breakdown(m, n + 16, lay)["total"], 70 * GIB)
+    assert n % 16 == 0 and fits(memory_breakdown(m, n, lay)["total"], 70 * GIB, m)
+    assert not fits(memory_breakdown(m, n + 16, lay)["total"], 70 * GIB, m)
 
 
 def test_measured_step_memory_falls_with_cp():

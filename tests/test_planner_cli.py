@@ -116,6 +116,21 @@ def test_estimate_says_when_to_check_with_measure(extra, rc, says, capsys):
         assert "margin" in captured.err and "does not fit" in captured.err
 
 
+def test_estimate_refuses_what_fits_only_without_the_margin(capsys):
+    """A usable memory 2% above the formula's total fits the total but not total x 1.05: refused
+    (exit 2, the error names the margin); 6% above is accepted."""
+    args = ["estimate", "configs/model/8b.yaml", "data.synthetic=markov", "data.seq_len=4096", "train.micro_batch=1",
+            "--gpu", "h100", "--gpus", "8", "--json"]
+    assert main(args) == 0
+    est = json.loads(capsys.readouterr().out)
+    memory_gib = est["memory_usable_gib"] / 0.9  # the default headroom
+    for above, rc in ((1.02, 2), (1.06, 0)):
+        headroom = above * est["memory_gib_per_gpu"] / memory_gib
+        assert main([*args, "--headroom", f"{headroom:.6f}"]) == rc
+        err = capsys.readouterr().err
+        assert ("x 1.05 margin" in err) == bool(rc), err
+
+
 def test_the_fit_verdict_keeps_the_margin():
     """`fits` is the formula total times FIT_MARGIN within the usable memory: a total of 96% of it fits
     without the margin but not with it, so the planner and estimate refuse it."""
@@ -123,10 +138,11 @@ def test_the_fit_verdict_keeps_the_margin():
     from kiln.planner.memory import FIT_MARGIN, FIT_MARGIN_MOE, fit_margin, fits
 
     assert 1 < FIT_MARGIN < FIT_MARGIN_MOE
-    assert fits(0.9 / FIT_MARGIN, 0.9) and not fits(0.96 * 0.9, 0.9)
     dense = load_config([], ["data.synthetic=markov"]).model
     moe = load_config([], ["data.synthetic=markov", "model.moe.n_experts=4"]).model
     assert fit_margin(dense) == FIT_MARGIN and fit_margin(moe) == FIT_MARGIN_MOE
+    assert fits(0.9 / FIT_MARGIN, 0.9, dense) and not fits(0.96 * 0.9, 0.9, dense)
+    assert not fits(0.9 / FIT_MARGIN, 0.9, moe)  # MoE needs its larger margin
 
 
 def test_unique_tokens_plans_with_the_repeated_data_law(capsys):

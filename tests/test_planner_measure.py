@@ -49,18 +49,18 @@ def test_formula_against_measure_on_held_out_layouts():
     the whole distribution over 100 layouts per seed."""
     from kiln.planner.layouts import random_layouts
     from kiln.planner.measure import measure
-    from kiln.planner.memory import fit_margin, fits
+    from kiln.planner.memory import fits
 
     rows = []
     for label, cfg, gpus in random_layouts(HELD_OUT, seed=2):
         formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
-        rows.append((formula, measure(cfg, gpus)["total"], label, fit_margin(cfg.model)))
+        rows.append((formula, measure(cfg, gpus)["total"], label, cfg.model))
     kinds = {label.split()[0] if label.startswith("ds-") else label.split()[1] for *_, label, _ in rows}
     kinds |= {"moe"} if any(" moe" in label for *_, label, _ in rows) else set()
     assert {"pp1", "pp2", "ds-zero1", "ds-zero2", "ds-zero3", "moe"} <= kinds, kinds  # every kind is in the sample
     ratios = [(round(f / m, 3), label) for f, m, label, _ in rows]
     assert sum(abs(r - 1) <= 0.1 for r, _ in ratios) >= 0.9 * len(rows), ratios
-    wrong = [(r, label) for (f, m, label, margin), (r, _) in zip(rows, ratios) if fits(f, 0.999 * m, margin)]
+    wrong = [(r, label) for (f, m, label, model), (r, _) in zip(rows, ratios) if fits(f, 0.999 * m, model)]
     assert not wrong, wrong
 
 

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 
 from kiln.config import ModelConfig
 
@@ -35,7 +36,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm needs 16-byte aligned rows and one dtype; on CUDA (and under torch.compile
     or fake tensors) it is a bf16 kernel (sm90+ on CUDA)."""
-    from torch._subclasses.fake_tensor import is_fake
     if not hasattr(torch, "_grouped_mm"):
         return False
     if x.device.type == "cuda" and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device)[0] < 9):

@@ -75,6 +75,7 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
         mem["total"] -= mem["optimizer"]
         mem["optimizer"] = 0.0  # offloaded to host memory
     usable = acc.memory_bytes * headroom
+    margin = fit_margin(cfg.model)
     terms = {k: v for k, v in mem.items() if k != "total"}
     largest = max(terms, key=terms.get)
     per_step = tokens_per_step(cfg, lay.dp)
@@ -91,8 +92,8 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
                    "activation_checkpoint": lay.activation_checkpoint},
         "memory_breakdown_gib": {k: v / GIB for k, v in mem.items()},
         "memory_gib_per_gpu": mem["total"] / GIB, "memory_usable_gib": usable / GIB,
-        "fits": fits(mem["total"], usable, fit_margin(cfg.model)), "fit_margin": fit_margin(cfg.model),
-        "largest_term": largest, "memory_caveat": memory_caveat(mem["total"], usable, fit_margin(cfg.model)),
+        "fits": fits(mem["total"], usable, cfg.model), "fit_margin": margin,
+        "largest_term": largest, "memory_caveat": memory_caveat(mem["total"], usable, margin),
         "longest_seq_len": longest_seq_len(cfg.model, lay, usable, flash=flash),
         "mfu": used_mfu, "gpu_hours": run.gpu_hours, "wall_days": run.wall_days, "cost_usd": run.cost_usd,
         "energy_kwh": run.energy_kwh,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from kiln.config import ModelConfig
 from kiln.errors import KilnError
 from kiln.hardware import Accelerator
-from kiln.planner.memory import GIB, Layout, fit_margin, fits, memory_breakdown
+from kiln.planner.memory import GIB, Layout, fits, memory_breakdown
 
 DEFAULT_HEADROOM = 0.9  # usable fraction of device memory: CUDA context, NCCL, fragmentation
 GPUS_PER_NODE = 8
@@ -77,7 +77,7 @@ def choose_layout(m: ModelConfig, seq_len: int, acc: Accelerator, gpus: int, tar
                     layout = Layout(tp=tp, pp=pp, dp=dp, micro_batch=b, pp_microbatches=chunks, grad_accum=accum,
                                     activation_checkpoint=ac, sequence_parallel=tp > 1)
                     mem = memory_breakdown(m, seq_len, layout)
-                    if fits(mem["total"], limit, fit_margin(m)):
+                    if fits(mem["total"], limit, m):
                         return Plan(layout, mem, global_tokens)
                     if smallest is None or mem["total"] < smallest[1]["total"]:
                         smallest = (layout, mem)

@@ -352,9 +352,10 @@ def fit_margin(m: ModelConfig) -> float:
     return FIT_MARGIN if m.moe is None else FIT_MARGIN_MOE
 
 
-def fits(total: float, usable: float, margin: float = FIT_MARGIN) -> bool:
-    """Whether a formula total fits `usable` bytes, with the margin for the formula's error."""
-    return total * margin <= usable
+def fits(total: float, usable: float, m: ModelConfig) -> bool:
+    """Whether a formula total for model `m` fits `usable` bytes, with the margin for the formula's
+    error on such a model (`fit_margin`)."""
+    return total * fit_margin(m) <= usable
 
 
 def longest_seq_len(m: ModelConfig, layout: Layout, usable_bytes: float, grad_bytes: int = 4,
@@ -367,7 +368,7 @@ def longest_seq_len(m: ModelConfig, layout: Layout, usable_bytes: float, grad_by
         unit = unit * layout.tp // math.gcd(unit, layout.tp)
 
     def fits_units(units: int) -> bool:
-        return fits(memory_breakdown(m, units * unit, layout, grad_bytes, flash)["total"], usable_bytes, fit_margin(m))
+        return fits(memory_breakdown(m, units * unit, layout, grad_bytes, flash)["total"], usable_bytes, m)
 
     lo, hi = 0, limit // unit
     while lo < hi:
