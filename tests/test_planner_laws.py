@@ -137,5 +137,40 @@ def test_hparams_rule_selects_the_plans_batch(capsys):
     expect = kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, p["tokens"]))
     assert p["batch_tokens_opt"] == pytest.approx(expect) and p["hparams"]["rule"] == "kaplan"
     assert "Kaplan" in p["hparams"]["source"]
-    assert main(["plan", "--flops", "1e21", "--hparams", "porian"]) == 2
-    assert "could not be verified" in capsys.readouterr().err
+    assert main(["plan", "--flops", "1e21", "--hparams", "nosuch"]) == 2
+    assert "unknown rule 'nosuch'" in capsys.readouterr().err
+
+
+def test_porian_rules_agree_with_both_published_forms():
+    """Li et al. 2025 (Step Law) Table 1 gives Porian's batch in tokens (0.7576 N^0.703); Porian's runs
+    count it in sequences of 2048 (0.00037 N^0.703). The two forms must agree, and at N = 1e8 the
+    rules give about 156 sequences and a peak LR of about 4.9e-3."""
+    from kiln.planner.cost import porian_batch_tokens, porian_lr
+
+    for n in (2.5e7, 1e8, 7e9):
+        assert porian_batch_tokens(n) / 2048 == pytest.approx(0.00037 * n ** 0.703, rel=1e-3)
+    assert porian_batch_tokens(1e8) / 2048 == pytest.approx(155.6, rel=1e-3)
+    assert porian_lr(1e8) == pytest.approx(4.878e-3, rel=1e-3)
+    assert porian_lr(8e8) < porian_lr(1e8)  # larger models, lower LR
+
+
+def test_hparams_porian_counts_n_without_the_input_embedding(capsys):
+    import json
+
+    from kiln.cli import main
+
+    assert main(["plan", "--flops", "1e21", "--hparams", "porian", "--json"]) == 0
+    p = json.loads(capsys.readouterr().out)
+    m = p["model"]
+    n = p["params"] - m["vocab_size"] * m["d_model"]  # untied: the output head stays in N
+    assert p["hparams"]["porian_params"] == n
+    assert p["lr"] == pytest.approx(3.7 * n ** -0.36) and p["batch_tokens_opt"] == pytest.approx(0.7576 * n ** 0.703)
+    assert p["hparams"]["rule"] == "porian" and "2406.19146" in p["hparams"]["source"]
+    assert set(p["hparams"]["batch_tokens_by_rule"]) == {"deepseek", "kaplan", "porian"}
+    # the layout's global batch is the rule's batch, rounded to whole micro-batches on every rank
+    assert main(["plan", "--flops", "1e21", "--hparams", "porian", "--gpu", "h100", "--gpus", "8", "--json"]) == 0
+    lay = json.loads(capsys.readouterr().out)["layout"]
+    step = lay["micro_batch"] * lay["dp"] * m["seq_len"]
+    assert abs(lay["global_batch_tokens"] - p["batch_tokens_opt"]) <= step / 2
+    assert main(["plan", "--flops", "1e21", "--hparams", "porian"]) == 0
+    assert "porian: lr" in capsys.readouterr().out

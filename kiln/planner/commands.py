@@ -45,7 +45,8 @@ def register(subparsers) -> None:
     law.add_argument("--unique-tokens", metavar="U", help="unique tokens available: Muennighoff et al.'s "
                      "repeated-data law chooses N, D and epochs (default: unlimited data)")
     law.add_argument("--hparams", default="deepseek", metavar="RULE", help="rule for peak LR and global batch: "
-                     "deepseek (DeepSeek LLM fits) | kaplan (Kaplan's critical batch) (default deepseek)")
+                     "deepseek (DeepSeek LLM fits) | kaplan (Kaplan's critical batch) | porian (Porian et al.'s "
+                     "fits in model size) (default deepseek)")
     law.add_argument("--compare", action="store_true", help="print every law side by side at this budget (default: off)")
     law.add_argument("--vocab", type=int, default=32000, help="tokenizer vocabulary size (default 32000)")
     law.add_argument("--seq-len", type=int, help="sequence length (default 2048 below 1B params, else 4096)")
@@ -296,7 +297,8 @@ def render_plan(p: dict, shape) -> str:
         ("training FLOPs", f"6ND {p['compute_flops']:.3g}; PaLM model {p['model_flops']:.3g}; "
                            f"App. F {p['appendix_f_flops']:.3g}"),
         ("hyperparameters", f"peak lr {p['lr']:.3g}, batch {_si(p['batch_tokens_opt'])} tokens ({p['hparams']['source']}); "
-                            + ", ".join(f"{k} batch {_si(v)}" for k, v in p["hparams"]["batch_tokens_by_rule"].items())),
+                            + "; ".join(f"{k}: lr {p['hparams']['lr_by_rule'][k]:.3g}, batch {_si(v)}"
+                                        for k, v in p["hparams"]["batch_tokens_by_rule"].items())),
     ]
     if p.get("compute_optimal"):
         co = p["compute_optimal"]

@@ -1,4 +1,4 @@
-"""Time, money and energy for a run; DeepSeek's batch-size and learning-rate fits.
+"""Time, money and energy for a run; published batch-size and learning-rate fits.
 
 GPU-hours = model FLOPs / (peak x MFU). Model FLOPs use the PaLM count (6N + 12 L H Q T per
 token), the same count kiln's MFU uses, so a measured MFU plugs straight back in. Energy is
@@ -89,11 +89,30 @@ def kaplan_critical_batch_tokens(kaplan_loss: float) -> float:
     return 2e8 / kaplan_loss ** (1 / 0.21)
 
 
+def porian_params(m: ModelConfig, params: float) -> float:
+    """Porian et al.'s N: every parameter but the input embedding (the output head counts)."""
+    return params if m.tie_embeddings else max(params - m.vocab_size * m.d_model, 1.0)
+
+
+def porian_lr(n: float) -> float:
+    """eta* = 3.7 N^-0.36 (Porian et al. 2024, arXiv 2406.19146; fitted on 25M-110M params)."""
+    return 3.7 * n ** -0.36
+
+
+def porian_batch_tokens(n: float) -> float:
+    """B* = 0.7576 N^0.703 tokens: their 0.00037 N^0.703 sequences of 2048 tokens."""
+    return 0.7576 * n ** 0.703
+
+
 HPARAM_RULES = {
     "deepseek": "DeepSeek LLM 2024 (arXiv 2401.02954) eq. 1: eta = 0.3118 C^-0.125, B = 0.2920 C^0.3271 tokens, "
                 "C = (72 L d^2 + 12 L d s) D",
     "kaplan": "Kaplan et al. 2020 eq. 1.4: critical batch B = 2e8 / L^(1/0.21) tokens at Kaplan's L(N, D); "
               "peak lr from DeepSeek LLM",
+    "porian": "Porian et al. 2024 (arXiv 2406.19146), as tabulated by Li et al. 2025 (Step Law, arXiv "
+              "2503.04715) Table 1: eta = 3.7 N^-0.36, B = 0.7576 N^0.703 tokens, N without the input "
+              "embedding; fitted on 25M-110M-parameter models at about 20 tokens/param, AdamW with tuned "
+              "beta2, seq 2048",
 }
 
 
@@ -102,15 +121,14 @@ def hyperparameters(rule: str, m: ModelConfig, seq_len: int, params: float, toke
     from kiln.errors import KilnError
     from kiln.planner.laws import LAWS
 
-    if rule == "porian":
-        raise KilnError("--hparams porian: not offered; Porian et al. 2024's fitted LR and batch constants "
-                        "could not be verified from a source here, and kiln does not invent them "
-                        f"(known: {', '.join(HPARAM_RULES)})")
     if rule not in HPARAM_RULES:
         raise KilnError(f"--hparams: unknown rule {rule!r}; known: {', '.join(HPARAM_RULES)}")
     c = deepseek_compute(m, seq_len, tokens)
     non_embedding = max(params - m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2), 1.0)
+    n_porian = porian_params(m, params)
     batches = {"deepseek": deepseek_batch_tokens(c),
-               "kaplan": kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, tokens))}
-    return {"rule": rule, "source": HPARAM_RULES[rule], "lr": deepseek_lr(c), "batch_tokens": batches[rule],
-            "batch_tokens_by_rule": batches, "deepseek_compute": c}
+               "kaplan": kaplan_critical_batch_tokens(LAWS["kaplan"].loss(non_embedding, tokens)),
+               "porian": porian_batch_tokens(n_porian)}
+    lrs = {"deepseek": deepseek_lr(c), "kaplan": deepseek_lr(c), "porian": porian_lr(n_porian)}
+    return {"rule": rule, "source": HPARAM_RULES[rule], "lr": lrs[rule], "batch_tokens": batches[rule],
+            "batch_tokens_by_rule": batches, "lr_by_rule": lrs, "deepseek_compute": c, "porian_params": n_porian}
