@@ -25,8 +25,8 @@ over the data-parallel shard degree. With a pipeline, the activation terms are t
 stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one micro-batch and
 the logits); both hold one vocabulary table.
 The total is the largest of the step's peaks, not the sum of every term: the one at the loss and
-the ones after it (`end_of_backward_bytes`, which win with few tokens per micro-batch; DeepSpeed's
-gradient reduction and step, `deepspeed_peak`). Every constant was measured with `kiln estimate
+the ones after it (kiln/planner/peaks.py: the end of backward, which wins with few tokens per
+micro-batch; DeepSpeed's gradient reduction and step). Every constant was measured with `kiln estimate
 --measure` (bench/planner_memory.py); `fits` adds the margin that covers the formula's error.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 from kiln.config import ModelConfig
+from kiln.planner.peaks import DEEPSPEED_REDUCE_BUCKET, deepspeed_peak, end_of_backward_bytes
 
 GIB = 2 ** 30
 DDP_BUCKETS = 2 * 25 * 2 ** 20  # torch DDP default bucket_cap_mb=25, two in flight
@@ -127,9 +128,6 @@ ACT_MOE_TP = 30.0
 LOGITS_BYTES = 12.0
 
 
-# DeepSpeed ZeRO allocates its gradient reduce bucket at full size, reduce_bucket_size (5e8 elements
-# by default, kiln does not change it) x 2 bytes (bf16), even for a model smaller than the bucket.
-DEEPSPEED_REDUCE_BUCKET = 5e8 * 2
 # Pipeline last stage: the logits peak measured 14-15 s b V bytes beside the output layer's fp32
 # gradient (the schedule also keeps the stage's output and the loss's fp32 input until backward),
 # against 12 without a pipeline.
@@ -266,74 +264,6 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     else:
         terms["total"] = deepspeed_peak(m, layout, p, terms, holds_grads)
     return terms
-
-
-def deepspeed_tables(m: ModelConfig) -> float:
-    """Bytes of the bf16 vocabulary tables (embedding, and the output layer unless tied)."""
-    return 2 * m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
-
-
-def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[str, float], holds_grads: bool) -> float:
-    """DeepSpeed ZeRO's peak: the larger of the one at the loss (model state, activations, logits;
-    gradients too when they are held across micro-batches) and the ones at the gradient reduction
-    and the step. ZeRO-1/2 hold every bf16 gradient (2 B/param) beside the reduce bucket or, at the
-    step, the fp32 gradient partition (4 B/param / shard); when the bucket is allocated, at the first
-    gradient, every activation is still held (and, ZeRO-2 with accumulation, the fp32 partition).
-    ZeRO-3 at the step holds its bf16 and fp32 gradient partitions (6 B/param / shard) beside the
-    bucket; in backward, 2 B/param / shard of gradient partition and twice the bf16 tables
-    (gathered, and their gradients).
-    Measured with `--measure` at d 1024 and 4096, shard 2 and 8, sequences 1024 and 4096: the peaks
-    never coincide, so the older sum of every term read up to 26% high and, at 8B widths, its
-    6 B/logit 12% low."""
-    z, shard = layout.zero, layout.shard
-    bucket = DEEPSPEED_REDUCE_BUCKET if z >= 1 else 0.0
-    state = terms["weights"] + terms["optimizer"] + terms["comm_buffers"] - bucket
-    at_loss = state + terms["activations"] + terms["logits"] + (terms["grads"] if holds_grads else 0.0)
-    if z >= 3:
-        partitions = terms["weights"] + terms["optimizer"]
-        at_reduce = max(partitions + 6 * params / shard, partitions + 2 * params / shard + 2 * deepspeed_tables(m))
-        at_reduce += bucket
-    else:  # the bucket is allocated at the first gradient (the output layer's), activations all held
-        at_reduce = max(state + 2 * params + max(bucket, 4 * params / (shard if z >= 1 else 1)),
-                        state + bucket + terms["activations"] + deepspeed_tables(m) / 2
-                        + (4 * params / shard if z == 2 and layout.grad_accum > 1 else 0.0))
-    return max(at_loss, at_reduce)
-
-
-# End of backward (native engine): the embedding's gradient is made last, dense over the whole
-# vocabulary, while every other gradient is already reduced and the optimizer state is resident.
-# Measured with `kiln estimate --measure` (bench/planner_memory.py), per entry of a tp rank's
-# vocabulary slice, under FSDP2: 10 bytes (its bf16 gradient, the fp32 copy FSDP2 reduces and the
-# reduce-scatter buffer), 14 with accumulation (the running sum is added to). AdamW without its
-# fused kernel (`optim.fused: false`) makes a temporary fp32 copy of the state it updates at the step
-# (measured +43% of Adam's 8 B/param, taken as 50%). Without FSDP, gradients held across
-# micro-batches (accumulation, a pipeline) peak in the output layer's backward 8 bytes per entry of
-# the whole vocabulary table above model state: at tp 1, autocast's bf16 copy of the output matrix,
-# its bf16 gradient and the fp32 cast that is added to the running sum (2 + 2 + 4). Measured at d
-# 512/1024, V 32k/64k, tp 1-8: the same at every tp, not divided by t (why is not established),
-# plus under TP one fp32 slice of the table.
-EMBED_GRAD_BYTES, EMBED_GRAD_BYTES_ACCUM = 10.0, 14.0
-UNFUSED_STEP = 0.5
-HELD_GRADS_VOCAB_BYTES = 8.0
-
-
-def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads: float, optimizer: float,
-                          activations: float) -> float:
-    """The other peaks of a step with little activation memory (short sequences, few tokens per
-    micro-batch): model state plus the embedding's gradient transients under FSDP2; without FSDP,
-    whole gradients build up while saved activations are still held (bounded by their sum); the
-    optimizer step's temporaries without the fused kernel."""
-    state = weights + grads + optimizer
-    step = state + (0.0 if layout.fused_optimizer else UNFUSED_STEP * optimizer)
-    table = m.vocab_size * m.d_model
-    if layout.shard > 1:
-        per_entry = EMBED_GRAD_BYTES_ACCUM if layout.grad_accum > 1 else EMBED_GRAD_BYTES
-        return max(step, state + per_entry * table / layout.tp)
-    peaks = [step, state + activations]
-    if layout.grad_accum > 1 or layout.pp > 1:
-        slice_grad = 4 * table / layout.tp if layout.tp > 1 else 0.0
-        peaks.append(state + activations + HELD_GRADS_VOCAB_BYTES * table + slice_grad)
-    return max(peaks)
 
 
 # The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts, and the
