@@ -44,6 +44,7 @@ def test_plan_json_out_and_plot(tmp_path, capsys):
     assert cfg.train.steps == math.ceil(p["tokens"] / lay["global_batch_tokens"])
     assert cfg.model.d_model == p["model"]["d_model"] and cfg.data.seq_len == p["model"]["seq_len"]
     assert cfg.optim.lr == pytest.approx(p["lr"], rel=1e-2)
+    assert "--hparams deepseek, DeepSeek LLM 2024" in out.read_text().split("\nmodel:")[0]  # the header names the rule
 
 
 def test_days_budget_is_spent_in_model_flops(capsys):

@@ -274,6 +274,8 @@ def _yaml_header(plan: dict) -> str:
              f"D = {plan['tokens']:.4g} tokens",
              f"# {plan['gpus']} x {plan['gpu']}: ~{_amount(plan['wall_days'])} days, ~${_amount(plan['cost_usd'])} "
              f"(assumptions: {'; '.join(plan['assumptions'].values())})",
+             f"# optim.lr and train.global_batch_tokens: --hparams {plan['hparams']['rule']}, "
+             f"{plan['hparams']['source']}",
              "# kiln-plan-assumptions: " + json.dumps({"gpu": plan["gpu"], "gpus": plan["gpus"], "mfu": plan["mfu"],
                                                        "price_per_gpu_hour": plan["price_per_gpu_hour"],
                                                        "pue": plan["pue"]})]
