@@ -2,6 +2,7 @@
 
     python bench/planner_memory.py [--n 100] [--seed 0] [--json out.json]
     python bench/planner_memory.py --plot docs/img/memory-breakdown.png   # the docs figure
+    python bench/planner_memory.py --wide       # the 21 real-width layouts (layouts.WIDE), ~6 minutes
 
 For each seeded layout (kiln/planner/layouts.py: tp, pp, dp_shard, recompute, seq, micro-batch,
 accumulation, DeepSpeed ZeRO-1/2/3) it measures one fake-tensor training step of rank 0 and prints
@@ -23,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kiln.planner.estimate import layout_of  # noqa: E402
-from kiln.planner.layouts import random_layouts  # noqa: E402
+from kiln.planner.layouts import random_layouts, wide_layouts  # noqa: E402
 from kiln.planner.measure import measure  # noqa: E402
 from kiln.planner.memory import fit_margin, memory_breakdown  # noqa: E402
 
@@ -34,13 +35,15 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write every layout's numbers here")
     ap.add_argument("--plot", help="instead: plot the per-GPU breakdown of an 8B model's layouts on 8 GPUs here")
+    ap.add_argument("--wide", action="store_true", help="instead of the seeded layouts: the real-width ones "
+                    "(d 1024-5120, pipelines under FSDP, MoE)")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
     if args.plot:
         return plot(args.plot)
     rows, start = [], time.time()
-    for label, cfg, gpus in random_layouts(args.n, args.seed):
+    for label, cfg, gpus in wide_layouts() if args.wide else random_layouts(args.n, args.seed):
         t = time.time()
         m = measure(cfg, gpus)
         f = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))
@@ -63,7 +66,7 @@ def main() -> int:
     for r in rows:
         label = r["layout"]
         kind = ("DeepSpeed" if label.startswith("ds-") else "MoE" if " moe" in label
-                else "TP" if not label.startswith("tp1 ") else "PP" if " pp2 " in label else "FSDP2 only")
+                else "TP" if " tp1 " not in f" {label} " else "PP" if " pp2 " in label else "FSDP2 only")
         groups.setdefault(kind, []).append(r["ratio"])
     for kind, xs in groups.items():
         print(f"  {kind:<11} {len(xs):3d} layouts: within 10% {sum(abs(x - 1) <= 0.1 for x in xs) / len(xs):.0%}, "

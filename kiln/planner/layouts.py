@@ -58,3 +58,52 @@ def random_layouts(n: int, seed: int = 0) -> list[tuple[str, Config, int]]:
             continue
         out.append((label, cfg, tp * pp * shard))
     return out
+
+
+# Layouts at real widths (d 1024-5120, vocab 32k-128k; 1.4-20 GiB per GPU measured), where per-layer
+# and per-parameter peaks outweigh the logits that dominate the small seeded layouts above: FSDP,
+# TP and pipelines, MoE models with 8-32 experts. Columns: d_model, heads, kv heads, layers, vocab,
+# seq, tp, pp, dp_shard, recompute, micro-batch, accumulation, MoE (experts, top_k, shared, every)
+# or None.
+WIDE = [
+    (2048, 16, 4, 12, 32000, 2048, 1, 1, 8, "none", 1, 1, (8, 2, 0, 1)),
+    (2048, 16, 4, 12, 32000, 2048, 1, 1, 8, "selective", 1, 1, (8, 2, 0, 1)),
+    (2048, 16, 4, 12, 32000, 2048, 2, 1, 4, "none", 1, 1, (8, 2, 0, 1)),
+    (2048, 16, 4, 12, 32000, 2048, 2, 1, 4, "selective", 1, 1, (8, 1, 1, 1)),
+    (2048, 16, 4, 12, 32000, 2048, 1, 1, 8, "full", 1, 1, (8, 2, 0, 1)),
+    (2048, 16, 4, 12, 32000, 2048, 4, 1, 2, "none", 1, 1, (8, 2, 1, 1)),
+    (1536, 12, 4, 16, 64000, 4096, 1, 1, 8, "none", 1, 1, (16, 2, 0, 2)),
+    (1536, 12, 4, 16, 64000, 4096, 2, 1, 4, "selective", 1, 2, (16, 2, 0, 2)),
+    (1536, 12, 4, 16, 64000, 2048, 1, 1, 8, "full", 2, 1, (16, 1, 1, 1)),
+    (1536, 12, 4, 16, 64000, 2048, 1, 2, 4, "none", 2, 1, (8, 2, 0, 1)),
+    (2048, 16, 4, 8, 64000, 8192, 4, 1, 2, "none", 1, 1, (8, 2, 1, 2)),
+    (1024, 8, 4, 12, 64000, 1024, 1, 1, 8, "selective", 4, 2, (32, 4, 1, 1)),
+    (2048, 16, 8, 16, 128256, 2048, 1, 2, 4, "none", 4, 1, None),
+    (4096, 32, 8, 8, 128256, 1024, 1, 2, 4, "selective", 2, 1, None),
+    (4096, 32, 8, 8, 128256, 2048, 2, 2, 2, "full", 4, 2, None),
+    (3072, 24, 8, 12, 128256, 4096, 1, 2, 4, "full", 2, 1, None),
+    (4096, 32, 8, 8, 128256, 512, 1, 2, 4, "none", 4, 1, None),
+    (2048, 16, 8, 24, 128256, 1024, 1, 2, 2, "selective", 2, 2, None),
+    (5120, 40, 8, 8, 128256, 1024, 2, 2, 4, "full", 2, 1, None),
+    (2048, 16, 8, 12, 128256, 1024, 1, 2, 4, "selective", 4, 1, (16, 2, 0, 2)),
+    (1536, 12, 4, 16, 128256, 2048, 2, 2, 2, "none", 2, 2, (8, 1, 1, 1)),
+]
+
+
+def wide_layouts() -> list[tuple[str, Config, int]]:
+    """The (label, config, gpus) of every WIDE row."""
+    out = []
+    for d, heads, kv, layers, vocab, seq, tp, pp, shard, ac, micro, accum, moe in WIDE:
+        over = ["data.synthetic=markov", f"model.d_model={d}", f"model.n_heads={heads}", f"model.n_kv_heads={kv}",
+                f"model.n_layers={layers}", f"model.vocab_size={vocab}", f"data.seq_len={seq}",
+                f"model.max_seq_len={seq}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp_shard={shard}",
+                f"parallel.activation_checkpoint={ac}", f"train.micro_batch={micro}",
+                f"train.global_batch_tokens={seq * micro * shard * accum}"]
+        label = f"d{d} L{layers} V{vocab // 1000}k tp{tp} pp{pp} dp{shard} {ac} s{seq} b{micro} acc{accum}"
+        if moe:
+            experts, top_k, shared, every = moe
+            over += [f"model.moe.n_experts={experts}", f"model.moe.top_k={top_k}",
+                     f"model.moe.shared_experts={shared}", f"model.moe.every_n_layers={every}"]
+            label += f" moe{experts}x{top_k}" + (f"+{shared}" if shared else "") + (f"/{every}" if every > 1 else "")
+        out.append((label, load_config([], over), tp * pp * shard))
+    return out

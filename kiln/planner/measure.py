@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import sys
 from typing import Callable
 
 import torch
@@ -40,11 +41,13 @@ def _fake_world(world_size: int, rank: int = 0):
 
     if dist.is_initialized():
         raise KilnError("--measure: a process group already exists in this process")
+    excepthook = sys.excepthook  # init_process_group wraps it to prefix "[rankN]:", once per world
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = excepthook
         _forget_deepspeed_groups()
         # DTensor caches sharding decisions keyed by meshes that compare equal across fake worlds;
         # a hit would hand the next measurement this world's (destroyed) process groups.
@@ -56,8 +59,6 @@ def _fake_world(world_size: int, rank: int = 0):
 def _forget_deepspeed_groups() -> None:
     """DeepSpeed caches the process groups of the first engine in module globals; a second
     measurement in this process has a new (fake) world."""
-    import sys
-
     groups, comm = sys.modules.get("deepspeed.utils.groups"), sys.modules.get("deepspeed.comm.comm")
     if groups is not None:
         for name in ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP",

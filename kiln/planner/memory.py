@@ -13,7 +13,8 @@ Terms (mixed-precision AdamW; reference/planner.md "Accounting"):
   logits      12 s b V bytes, measured (Korthikanti sec. 4.3 counts 4 s b V); other constants
               under TP, on a pipeline's last stage and under DeepSpeed (logits_bytes)
   comm        FSDP all-gather of two unsharded bf16 layers (current + prefetch) and one fp32
-              reduce-scatter layer; DeepSpeed's reduce bucket; DDP gradient buckets (2 x 25 MB);
+              reduce-scatter layer (a dense one for MoE: experts are gathered in backward, see
+              peaks.py); DeepSpeed's reduce bucket; DDP gradient buckets (2 x 25 MB);
               TP/SP and pipeline send/receive buffers of 2 s b h bytes each.
   context     context parallelism (cp > 1): every sequence-proportional term above uses the cp rank's
               s / cp tokens; kiln's ring attention (kiln/parallel/context.py) also keeps fp32 copies of
@@ -25,9 +26,10 @@ over the data-parallel shard degree. With a pipeline, the activation terms are t
 stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one micro-batch and
 the logits); both hold one vocabulary table.
 The total is the largest of the step's peaks, not the sum of every term: the one at the loss and
-the ones after it (kiln/planner/peaks.py: the end of backward, which wins with few tokens per
-micro-batch; DeepSpeed's gradient reduction and step). Every constant was measured with `kiln estimate
---measure` (bench/planner_memory.py); `fits` adds the margin that covers the formula's error.
+the ones after it (the end of backward, which wins with few tokens per micro-batch; a MoE layer's
+backward; DeepSpeed's gradient reduction and step, in kiln/planner/peaks.py; a pipeline's stage kept
+gathered under FSDP). Every constant was measured with `kiln estimate --measure`
+(bench/planner_memory.py); `fits` adds the margin that covers the formula's error.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ import math
 from dataclasses import dataclass
 
 from kiln.config import ModelConfig
-from kiln.planner.peaks import DEEPSPEED_REDUCE_BUCKET, deepspeed_peak, end_of_backward_bytes
+from kiln.planner.peaks import (DEEPSPEED_REDUCE_BUCKET, deepspeed_peak, end_of_backward_bytes,
+                                moe_backward_start_bytes)
 
 GIB = 2 ** 30
 DDP_BUCKETS = 2 * 25 * 2 ** 20  # torch DDP default bucket_cap_mb=25, two in flight
@@ -118,11 +121,24 @@ def stage_params(m: ModelConfig, tp: int, pp: int) -> float:
 # figure), 25 with selective recomputation (measured 25.06 at d 512, s 1024, b 2 under FSDP2), 2.5
 # with full recomputation (the layer input plus its norm statistics; measured 2.25).
 ACT_NONE, ACT_SELECTIVE, ACT_FULL = 50.0, 25.0, 2.5
-# MoE layers under TP: every TP rank routes the whole sequence through its (replicated) experts, so
-# per expert pass of a token (top_k of them) this much is not split by t. Fitted on 72 MoE layouts
-# measured with `--measure` (balanced routing); without TP a MoE layer's saved activations measured
-# no larger than a dense layer's.
-ACT_MOE_TP = 30.0
+# MoE layers, per s*b*h, measured (L4 - L2 layers of MoE everywhere, d 512, tp 1 and 2, 4-8 experts,
+# top-1/2, 0-1 shared experts, dropless and capacity 1.25 under balanced routing): kiln's SwiGLU MLP
+# saves 2 + 8 f/h bytes without recomputation and 2 + 4 f/h with selective (f = ffn_hidden; 23.5 and
+# 12.8 at f/h 2.69). A MoE layer replaces that MLP with its shared experts (split by TP as the MLP
+# is), a router (MOE_ROUTER) and top_k expert passes of an MLP's bytes plus the dispatch
+# (MOE_DISPATCH) each; kiln's TP replicates the routed experts, so every TP rank routes the whole
+# sequence and those passes are not divided by t. Selective recomputation recomputes the routed
+# experts: they measured 0 bytes saved.
+MOE_ROUTER, MOE_DISPATCH = 4.0, 4.0
+# A pipeline under FSDP2: torch's schedules run every micro-batch's backward without resharding or
+# reducing (set_reshard_after_backward(False), set_requires_gradient_sync(False)) and reduce after
+# the last one, so from the first backward on a stage keeps its parameters gathered (bf16, 2 bytes
+# per parameter) and its gradients unsharded (fp32, 4): beside one micro-batch's activations in the
+# last backward (on the last stage with its logits' fp32 and bf16 gradients, 6 bytes per logit), and
+# beside the sharded gradients and one layer's fp32 buffer in the reduction. Measured on 10 layouts
+# at d 1536-5120, pp 2 x FSDP 2-4, dense and MoE (layouts.WIDE): without this peak the formula read
+# 0.62-0.83 of the measured step on 7 of them; with it, 0.96-1.09.
+PP_UNSHARDED_BYTES, PP_LOGITS_GRAD_BYTES = 6.0, 6.0
 # Logits peak: bf16 logits, their fp32 upcast, log-softmax and its gradient: 12 s b V bytes
 # measured (3x Korthikanti's 4 s b V).
 LOGITS_BYTES = 12.0
@@ -166,9 +182,22 @@ def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, t
         per = base / t
     else:
         per = base * (10 / 34) + base * (24 / 34) / t
-    if m.moe is not None and t > 1:  # every TP rank routes the whole sequence through its experts
-        per += ACT_MOE_TP * m.moe.top_k * (1 - 1 / t) * m.n_moe_layers / m.n_layers
+    if m.moe is not None:
+        per += moe_layer_extra_bytes(m, t, checkpoint) * m.n_moe_layers / m.n_layers
     return sbh * (per + (0.0 if checkpoint == "selective" else scores))
+
+
+def moe_layer_extra_bytes(m: ModelConfig, tp: int, checkpoint: str) -> float:
+    """Bytes per s*b*h a MoE layer saves beyond a dense one (see MOE_ROUTER); 0 under full
+    recomputation, which keeps only the layer's input either way."""
+    if checkpoint == "full":
+        return 0.0
+    f = m.ffn_hidden / m.d_model
+    mlp = 2 + (4 if checkpoint == "selective" else 8) * f
+    shared = (m.moe.shared_experts - 1) * mlp / tp  # the shared experts in place of the dense MLP
+    if checkpoint == "selective":
+        return shared
+    return shared + MOE_ROUTER + m.moe.top_k * (mlp + MOE_DISPATCH)
 
 
 def ring_attention_bytes(m: ModelConfig, seq_len: int, micro_batch: int, tp: int, cp: int) -> tuple[float, float]:
@@ -247,7 +276,10 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
         if z >= 3:  # ZeRO-3 keeps a vocabulary table and a layer gathered (bf16) at the loss
             comm += 2 * m.vocab_size * m.d_model + 2 * layer_p
     elif z >= 3 and shard > 1:
-        comm = 2 * 2 * layer_p + 4 * layer_p
+        # Measured on dense layers; a MoE layer's experts are not gathered at the loss (they are in
+        # backward: moe_backward_start_bytes), except on a pipeline stage, where the sum held.
+        gathered = layer_p if m.moe is None or layout.pp > 1 else layer_matrix_params(m, t, 0.0)
+        comm = 2 * 2 * gathered + 4 * gathered
     else:
         comm = DDP_BUCKETS if layout.dp > 1 else 0
     sbh2 = 2 * seq_len * b * m.d_model
@@ -260,20 +292,30 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     holds_grads = layout.grad_accum > 1 or (layout.pp > 1 and shard == 1)
     if native:
         at_loss = sum(terms.values()) - (0.0 if holds_grads else grads)
-        terms["total"] = max(at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations))
+        peaks = [at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations)]
+        if layout.pp > 1 and shard > 1:  # see PP_UNSHARDED_BYTES
+            last_backward = (layers * per_layer + recompute + (grads if layout.grad_accum > 1 else 0.0)
+                             + PP_LOGITS_GRAD_BYTES * seq_len * b * m.vocab_size / t)
+            reduce = grads + 4 * layer_matrix_params(m, t, None if m.moe is None else 1.0)
+            peaks.append(weights + optimizer + PP_UNSHARDED_BYTES * p + max(last_backward, reduce))
+        if m.moe is not None and layout.pp == 1 and shard > 1:
+            held = weights + optimizer + activations + (grads if holds_grads else 0.0)
+            peaks.append(moe_backward_start_bytes(m, layout, held))
+        terms["total"] = max(peaks)
     else:
         terms["total"] = deepspeed_peak(m, layout, p, terms, holds_grads)
     return terms
 
 
-# The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts, and the
-# 8B-width layouts of docs/planning.md): its lowest reading on a dense model was 0.963 of the
-# measured peak. A layout fits when its total with this margin is within the usable memory, so the
-# formula does not say "fits" where the measured step does not. It reads high by up to 20-33% on a
-# few layouts (ZeRO-3, TP x PP with short sequences, MoE under TP): `--measure` settles those.
+# The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts; the
+# 8B-width layouts and the 21 at d 1024-5120 of layouts.WIDE): its lowest reading on a dense
+# model was 0.962 of the measured peak. A layout fits when its total with this margin is within the
+# usable memory, so the formula does not say "fits" where the measured step does not. It reads high
+# by up to 20-33% on a few layouts (ZeRO-3, TP x PP with short sequences, small MoE models under
+# TP): `--measure` settles those.
 FIT_MARGIN = 1.05
-# MoE models: checked on 72 layouts (4 seeds), the lowest reading 0.913 (a pipeline without FSDP,
-# full recompute, MoE every second layer), so their margin is 10%.
+# MoE models: checked on 72 seeded layouts and 14 at d 1024-2048, the lowest readings 0.921 (a
+# pipeline without FSDP, full recompute, MoE every second layer) and 0.945, so their margin is 10%.
 FIT_MARGIN_MOE = 1.10
 
 

@@ -2,7 +2,8 @@
 
 The loss is where most steps peak (activations and logits live). These are the others: the end of
 backward on kiln's native engine, where the embedding's dense gradient is made last, or where
-whole gradients build up without FSDP; and DeepSpeed ZeRO's gradient reduction and optimizer step.
+whole gradients build up without FSDP; the backward of a MoE layer, which gathers every expert;
+and DeepSpeed ZeRO's gradient reduction and optimizer step.
 Each constant was measured with `kiln estimate --measure` (bench/planner_memory.py).
 """
 from __future__ import annotations
@@ -19,8 +20,8 @@ if TYPE_CHECKING:
 DEEPSPEED_REDUCE_BUCKET = 5e8 * 2
 
 
-def deepspeed_tables(m: ModelConfig) -> float:
-    """Bytes of the bf16 vocabulary tables (embedding, and the output layer unless tied)."""
+def bf16_tables(m: ModelConfig) -> float:
+    """Bytes of the bf16 vocabulary tables (embedding, and the output layer unless tied), gathered."""
     return 2 * m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2)
 
 
@@ -42,11 +43,11 @@ def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[st
     at_loss = state + terms["activations"] + terms["logits"] + (terms["grads"] if holds_grads else 0.0)
     if z >= 3:
         partitions = terms["weights"] + terms["optimizer"]
-        at_reduce = max(partitions + 6 * params / shard, partitions + 2 * params / shard + 2 * deepspeed_tables(m))
+        at_reduce = max(partitions + 6 * params / shard, partitions + 2 * params / shard + 2 * bf16_tables(m))
         at_reduce += bucket
     else:  # the bucket is allocated at the first gradient (the output layer's), activations all held
         at_reduce = max(state + 2 * params + max(bucket, 4 * params / (shard if z >= 1 else 1)),
-                        state + bucket + terms["activations"] + deepspeed_tables(m) / 2
+                        state + bucket + terms["activations"] + bf16_tables(m) / 2
                         + (4 * params / shard if z == 2 and layout.grad_accum > 1 else 0.0))
     return max(at_loss, at_reduce)
 
@@ -64,6 +65,14 @@ def deepspeed_peak(m: ModelConfig, layout: Layout, params: float, terms: dict[st
 # 512/1024, V 32k/64k, tp 1-8: the same at every tp, not divided by t (why is not established),
 # plus under TP one fp32 slice of the table.
 EMBED_GRAD_BYTES, EMBED_GRAD_BYTES_ACCUM = 10.0, 14.0
+# Beside it, under FSDP2, the backward of layer 0 (the last one): its gathered bf16 weights, their
+# bf16 gradient and the fp32 copy FSDP2 reduce-scatters, 2 + 2 + 4 bytes per parameter. Small next to
+# the embedding's for a dense model; a MoE layer holds every expert (measured at d 2048, 12 layers of
+# 8 experts, FSDP over 8, tp 1-4: the formula read 0.84-0.96 of the peak without it, 0.95-1.01 with
+# it). When layer 0 is dense, the lowest MoE layer's backward is the other candidate: the gradients
+# of the layers below it not made yet, the gathered bf16 vocabulary tables resident (measured on the
+# seeded MoE layouts with a MoE layer every second layer).
+LAYER_GRAD_BYTES = 8.0
 UNFUSED_STEP = 0.5
 HELD_GRADS_VOCAB_BYTES = 8.0
 
@@ -71,7 +80,8 @@ HELD_GRADS_VOCAB_BYTES = 8.0
 def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads: float, optimizer: float,
                           activations: float) -> float:
     """The other peaks of a step with little activation memory (short sequences, few tokens per
-    micro-batch): model state plus the embedding's gradient transients under FSDP2; without FSDP,
+    micro-batch): model state plus the gradient transients of the embedding and of the last layer
+    backward reaches (`layer_grad_peak`) under FSDP2; without FSDP,
     whole gradients build up while saved activations are still held (bounded by their sum); the
     optimizer step's temporaries without the fused kernel."""
     state = weights + grads + optimizer
@@ -79,9 +89,38 @@ def end_of_backward_bytes(m: ModelConfig, layout: Layout, weights: float, grads:
     table = m.vocab_size * m.d_model
     if layout.shard > 1:
         per_entry = EMBED_GRAD_BYTES_ACCUM if layout.grad_accum > 1 else EMBED_GRAD_BYTES
-        return max(step, state + per_entry * table / layout.tp)
+        return max(step, layer_grad_peak(m, layout, state, grads, per_entry * table / layout.tp))
     peaks = [step, state + activations]
     if layout.grad_accum > 1 or layout.pp > 1:
         slice_grad = 4 * table / layout.tp if layout.tp > 1 else 0.0
         peaks.append(state + activations + HELD_GRADS_VOCAB_BYTES * table + slice_grad)
     return max(peaks)
+
+
+def layer_grad_peak(m: ModelConfig, layout: Layout, state: float, grads: float, embedding: float) -> float:
+    """FSDP2's peak in the backward of layer 0, beside the embedding's gradient (`embedding` bytes),
+    or, when layer 0 is dense, in that of the lowest MoE layer (see LAYER_GRAD_BYTES)."""
+    from kiln.planner.memory import layer_matrix_params
+
+    peak = state + embedding
+    if m.moe is None:
+        return peak
+    first_moe = m.moe.every_n_layers - 1  # layer i is MoE when (i + 1) % n == 0
+    moe_layer = layer_matrix_params(m, layout.tp, 1.0)
+    if first_moe == 0:  # beyond a dense layer's transient, which EMBED_GRAD_BYTES was fitted with
+        peak += LAYER_GRAD_BYTES * (moe_layer - layer_matrix_params(m, layout.tp, 0.0))
+    else:
+        not_made = grads * first_moe / m.n_layers
+        peak = max(peak, state - not_made + bf16_tables(m) / layout.tp + LAYER_GRAD_BYTES * moe_layer)
+    return peak
+
+
+def moe_backward_start_bytes(m: ModelConfig, layout: Layout, held: float) -> float:
+    """FSDP2's peak in the backward of the topmost MoE layer: every saved activation still `held`
+    (with model state), the layer gathered with its gradient transients (LAYER_GRAD_BYTES per
+    parameter, every expert) and the gathered bf16 vocabulary tables. Measured at d 2048 with 8
+    experts: it is the step's peak without recomputation (the loss's, with the experts not gathered,
+    is lower)."""
+    from kiln.planner.memory import layer_matrix_params
+
+    return held + bf16_tables(m) / layout.tp + LAYER_GRAD_BYTES * layer_matrix_params(m, layout.tp, 1.0)
