@@ -69,10 +69,14 @@ def test_formula_against_measure_on_held_out_layouts():
 
 
 @pytest.mark.parametrize("row", [
-    13,  # a pipeline under FSDP2 keeps its stage gathered and its gradients unsharded after the first
-         # backward (torch's schedules reduce after the last micro-batch): the formula read 0.78 here
-    9,   # the same with a MoE model: 0.62
-    4,   # MoE under FSDP2 with full recompute: the backward of a layer that gathers every expert, 0.84
+    # a pipeline under FSDP2 keeps its stage gathered and its gradients unsharded after the first
+    # backward (torch's schedules reduce after the last micro-batch): the formula read 0.78 here
+    "d4096 L8 V128k tp1 pp2 dp4 selective s1024 b2 acc1",
+    "d1536 L16 V64k tp1 pp2 dp4 none s2048 b2 acc1 moe8x2",  # the same with a MoE model: 0.62
+    # MoE under FSDP2 with full recompute: the backward of a layer that gathers every expert, 0.84
+    "d2048 L12 V32k tp1 pp1 dp8 full s2048 b1 acc1 moe8x2",
+    # GPipe's last stage keeps every micro-batch's fp32 logits for its loss's backward: 0.79
+    "d1536 L8 V64k tp1 pp2 dp2 none s2048 b4 acc1 pp_microbatches=4 pp_schedule=gpipe",
 ])
 def test_formula_at_real_widths(row):
     """Billions of parameters, where per-layer and per-parameter terms outweigh the logits: the peaks
@@ -81,11 +85,46 @@ def test_formula_at_real_widths(row):
     from kiln.planner.measure import measure
     from kiln.planner.memory import fits
 
-    label, cfg, gpus = wide_layouts()[row]
+    (label, cfg, gpus), = [w for w in wide_layouts() if w[0] == row]
     measured = measure(cfg, gpus)["total"]
     formula = memory_breakdown(cfg.model, cfg.data.seq_len, layout_of(cfg, gpus))["total"]
     assert 0.93 <= formula / measured <= 1.10, (label, formula / 2 ** 30, measured / 2 ** 30)
     assert not fits(formula, 0.999 * measured, cfg.model)
+
+
+def test_selective_recompute_of_moe_experts_depends_on_grouped_mm(monkeypatch):
+    """As one torch._grouped_mm (sm90+, and --measure) the routed experts save nothing under
+    selective recompute; as kiln's per-expert loop (A100, V100) they save their matrix products:
+    `kiln estimate` counts those where its --gpu runs the loop."""
+    import kiln.model.moe
+    from kiln.planner.estimate import estimate
+    from kiln.planner.measure import measure
+
+    over = ["data.synthetic=markov", "model.d_model=1024", "model.n_heads=8", "model.n_kv_heads=4", "model.n_layers=4",
+            "data.seq_len=4096", "model.max_seq_len=4096", "parallel.dp_shard=4", "train.micro_batch=2",
+            "parallel.activation_checkpoint=selective", "train.global_batch_tokens=32768", "model.moe.n_experts=8",
+            "model.moe.top_k=2"]
+    cfg = load_config([], over)
+    lay = layout_of(cfg, 4)
+    grouped = memory_breakdown(cfg.model, 4096, lay)["total"]
+    lay.grouped_experts = False
+    loop = memory_breakdown(cfg.model, 4096, lay)["total"]
+    monkeypatch.setattr(kiln.model.moe, "_grouped_mm_ok", lambda x, w: False)
+    measured = measure(cfg, 4)["total"]  # the loop
+    assert 0.95 <= loop / measured <= 1.10 and grouped / measured < 0.9, (loop, grouped, measured)
+    assert estimate(cfg, "a100", 4)["memory_gib_per_gpu"] * 2 ** 30 == pytest.approx(loop)
+    assert estimate(cfg, "h100", 4)["memory_gib_per_gpu"] * 2 ** 30 == pytest.approx(grouped)
+
+
+def test_moe_activation_bytes_stay_positive_at_any_mlp_width():
+    """The dense MLP share the ACT_* constants hold was measured at ffn/d 2.69; a MoE layer's
+    routed experts replace that share, not one scaled with a wider MLP."""
+    from kiln.planner.memory import activation_bytes_per_layer
+
+    for ffn in (1408, 4096, 8192):
+        for ac in ("none", "selective", "full"):
+            cfg = load_config([], BASE + [f"model.ffn_dim={ffn}", "model.moe.n_experts=8", "model.moe.top_k=1"])
+            assert activation_bytes_per_layer(cfg.model, 512, 1, 1, True, ac) > 0, (ffn, ac)
 
 
 def test_measure_builds_the_gpu_optimizer():

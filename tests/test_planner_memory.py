@@ -57,9 +57,11 @@ def test_breakdown_pp2_1f1b_full_recompute_ddp():
     assert last + logits > first
     assert mem["activations"] == pytest.approx(last) and mem["logits"] == logits
     assert mem["comm_buffers"] == pytest.approx(DDP_BUCKETS + 2 * 2 * SBH)
-    # GPipe: every stage holds all 8 micro-batches, so the last (with the logits) is the fuller one
+    # GPipe: every stage holds all 8 micro-batches, so the last (with the logits) is the fuller one;
+    # each of its 7 earlier micro-batches' losses keeps fp32 logits (4 bytes) for backward
     gpipe = memory_breakdown(M, S, Layout(**{**lay.__dict__, "schedule": "gpipe"}))
-    assert gpipe["activations"] == pytest.approx(8 * 2 * 2.5 * SBH + 50 * SBH) and gpipe["logits"] == logits
+    assert gpipe["activations"] == pytest.approx(8 * 2 * 2.5 * SBH + 50 * SBH)
+    assert gpipe["logits"] == pytest.approx(logits + 4 * 7 * S * B * 1000)
 
 
 def test_zero_stages_shard_progressively():

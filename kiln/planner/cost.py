@@ -117,7 +117,7 @@ HPARAM_RULES = {
 
 
 def hyperparameters(rule: str, m: ModelConfig, seq_len: int, params: float, tokens: float) -> dict:
-    """Peak LR and global batch (tokens) under `rule`, with every rule's batch for comparison."""
+    """Peak LR and global batch (tokens) under `rule`, with every rule's LR and batch for comparison."""
     from kiln.errors import KilnError
     from kiln.planner.laws import LAWS
 

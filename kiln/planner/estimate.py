@@ -26,6 +26,9 @@ def layout_of(cfg: Config, gpus: int) -> Layout:
 
 
 PLAN_MARK = "# kiln-plan-assumptions: "
+# GPUs where kiln's MoE experts run as torch._grouped_mm (CUDA sm90+; kiln/model/moe.py), which
+# changes what selective recompute saves (memory.moe_layer_extra_bytes); elsewhere, the expert loop.
+GROUPED_MM_GPUS = {"h100", "h100-pcie", "h200", "b200"}
 
 
 def plan_assumptions(paths: list[str]) -> dict:
@@ -69,6 +72,7 @@ def estimate(cfg: Config, gpu: str, gpus: int, mfu: float | None = None, price: 
 
     acc = lookup(gpu)
     lay = layout_of(cfg, gpus)
+    lay.grouped_experts = acc.name in GROUPED_MM_GPUS
     flash = cfg.model.attention != "math"
     mem = memory_breakdown(cfg.model, cfg.data.seq_len, lay, flash=flash)
     if cfg.parallel.engine == "deepspeed" and cfg.parallel.offload_optimizer:

@@ -4,7 +4,7 @@ Shared by tests/test_planner_measure.py (a held-out subset) and bench/planner_me
 per seed; the goal: the formula within 10% of the measured peak for >= 90% of them, and never
 "fits" where the measured step does not).
 Widths are small but realistic in shape (d 512-768, GQA or MHA, vocab 32k) so one fake-tensor step
-takes seconds on one CPU core.
+takes seconds on one CPU core; WIDE adds layouts at real widths, where other peaks win.
 """
 from __future__ import annotations
 
@@ -60,11 +60,11 @@ def random_layouts(n: int, seed: int = 0) -> list[tuple[str, Config, int]]:
     return out
 
 
-# Layouts at real widths (d 1024-5120, vocab 32k-128k; 1.4-20 GiB per GPU measured), where per-layer
+# Layouts at real widths (d 1024-5120, vocab 32k-128k; 3-28 GiB per GPU measured), where per-layer
 # and per-parameter peaks outweigh the logits that dominate the small seeded layouts above: FSDP,
 # TP and pipelines, MoE models with 8-32 experts. Columns: d_model, heads, kv heads, layers, vocab,
-# seq, tp, pp, dp_shard, recompute, micro-batch, accumulation, MoE (experts, top_k, shared, every)
-# or None.
+# seq, tp, pp, dp_shard, recompute, micro-batch (sequences per step), accumulation, MoE (experts,
+# top_k, shared, every) or None, and optionally more overrides.
 WIDE = [
     (2048, 16, 4, 12, 32000, 2048, 1, 1, 8, "none", 1, 1, (8, 2, 0, 1)),
     (2048, 16, 4, 12, 32000, 2048, 1, 1, 8, "selective", 1, 1, (8, 2, 0, 1)),
@@ -87,13 +87,19 @@ WIDE = [
     (5120, 40, 8, 8, 128256, 1024, 2, 2, 4, "full", 2, 1, None),
     (2048, 16, 8, 12, 128256, 1024, 1, 2, 4, "selective", 4, 1, (16, 2, 0, 2)),
     (1536, 12, 4, 16, 128256, 2048, 2, 2, 2, "none", 2, 2, (8, 1, 1, 1)),
+    # more pipeline micro-batches than stages (1F1B's steady state), and GPipe
+    (1536, 12, 4, 8, 64000, 2048, 1, 2, 2, "none", 6, 1, None, ("parallel.pp_microbatches=6",)),
+    (1536, 12, 4, 8, 64000, 2048, 1, 2, 2, "none", 16, 1, None, ("parallel.pp_microbatches=16",)),
+    (1536, 12, 4, 8, 64000, 2048, 1, 2, 4, "selective", 8, 1, None, ("parallel.pp_microbatches=8",)),
+    (1536, 12, 4, 8, 64000, 2048, 1, 2, 2, "none", 4, 1, None,
+     ("parallel.pp_microbatches=4", "parallel.pp_schedule=gpipe")),
 ]
 
 
 def wide_layouts() -> list[tuple[str, Config, int]]:
     """The (label, config, gpus) of every WIDE row."""
     out = []
-    for d, heads, kv, layers, vocab, seq, tp, pp, shard, ac, micro, accum, moe in WIDE:
+    for d, heads, kv, layers, vocab, seq, tp, pp, shard, ac, micro, accum, moe, *extra in WIDE:
         over = ["data.synthetic=markov", f"model.d_model={d}", f"model.n_heads={heads}", f"model.n_kv_heads={kv}",
                 f"model.n_layers={layers}", f"model.vocab_size={vocab}", f"data.seq_len={seq}",
                 f"model.max_seq_len={seq}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.dp_shard={shard}",
@@ -105,5 +111,8 @@ def wide_layouts() -> list[tuple[str, Config, int]]:
             over += [f"model.moe.n_experts={experts}", f"model.moe.top_k={top_k}",
                      f"model.moe.shared_experts={shared}", f"model.moe.every_n_layers={every}"]
             label += f" moe{experts}x{top_k}" + (f"+{shared}" if shared else "") + (f"/{every}" if every > 1 else "")
+        for more in extra:
+            over += list(more)
+            label += " " + " ".join(o.split(".")[-1] for o in more)
         out.append((label, load_config([], over), tp * pp * shard))
     return out

@@ -46,8 +46,10 @@ def _fake_world(world_size: int, rank: int = 0):
     try:
         yield
     finally:
-        dist.destroy_process_group()
-        sys.excepthook = excepthook
+        try:
+            dist.destroy_process_group()
+        finally:
+            sys.excepthook = excepthook
         _forget_deepspeed_groups()
         # DTensor caches sharding decisions keyed by meshes that compare equal across fake worlds;
         # a hit would hand the next measurement this world's (destroyed) process groups.

@@ -27,8 +27,8 @@ stage: the first (1F1B keeps min(pp, micro-batches) in flight) or the last (one 
 the logits); both hold one vocabulary table.
 The total is the largest of the step's peaks, not the sum of every term: the one at the loss and
 the ones after it (the end of backward, which wins with few tokens per micro-batch; a MoE layer's
-backward; DeepSpeed's gradient reduction and step, in kiln/planner/peaks.py; a pipeline's stage kept
-gathered under FSDP). Every constant was measured with `kiln estimate --measure`
+backward; a pipeline's stage kept gathered under FSDP; DeepSpeed's gradient reduction and step: all
+in kiln/planner/peaks.py). Every constant was measured with `kiln estimate --measure`
 (bench/planner_memory.py); `fits` adds the margin that covers the formula's error.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from kiln.config import ModelConfig
 from kiln.planner.peaks import (DEEPSPEED_REDUCE_BUCKET, deepspeed_peak, end_of_backward_bytes,
-                                moe_backward_start_bytes)
+                                moe_backward_start_bytes, pipeline_fsdp_peak)
 
 GIB = 2 ** 30
 DDP_BUCKETS = 2 * 25 * 2 ** 20  # torch DDP default bucket_cap_mb=25, two in flight
@@ -60,6 +60,7 @@ class Layout:
     schedule: str = "1f1b"
     engine: str = "native"  # native (FSDP2, fp32 params) | deepspeed (bf16 params + fp32 master)
     fused_optimizer: bool = True  # AdamW's fused kernel (kiln's default on GPUs): no step temporaries
+    grouped_experts: bool = True  # MoE experts through torch._grouped_mm (sm90+, as --measure runs them)
 
     @property
     def shard(self) -> int:
@@ -124,21 +125,16 @@ ACT_NONE, ACT_SELECTIVE, ACT_FULL = 50.0, 25.0, 2.5
 # MoE layers, per s*b*h, measured (L4 - L2 layers of MoE everywhere, d 512, tp 1 and 2, 4-8 experts,
 # top-1/2, 0-1 shared experts, dropless and capacity 1.25 under balanced routing): kiln's SwiGLU MLP
 # saves 2 + 8 f/h bytes without recomputation and 2 + 4 f/h with selective (f = ffn_hidden; 23.5 and
-# 12.8 at f/h 2.69). A MoE layer replaces that MLP with its shared experts (split by TP as the MLP
-# is), a router (MOE_ROUTER) and top_k expert passes of an MLP's bytes plus the dispatch
-# (MOE_DISPATCH) each; kiln's TP replicates the routed experts, so every TP rank routes the whole
-# sequence and those passes are not divided by t. Selective recomputation recomputes the routed
-# experts: they measured 0 bytes saved.
+# 12.8 at the f/h 2.69 the ACT_* constants were measured at, MLP_REF_*). A MoE layer replaces that
+# MLP with its shared experts (split by TP as the MLP is), a router (MOE_ROUTER) and top_k expert
+# passes of an MLP's bytes plus the dispatch (MOE_DISPATCH) each; kiln's TP replicates the routed
+# experts, so every TP rank routes the whole sequence and those passes are not divided by t.
+# Selective recomputation saves none of the routed experts' bytes when they run as one
+# torch._grouped_mm (sm90+ GPUs, and --measure); the per-expert loop elsewhere (A100, V100) saves its
+# matrix products as a dense MLP's, and the dispatch (measured at d 1024, top-2: without them the
+# formula read 0.61).
 MOE_ROUTER, MOE_DISPATCH = 4.0, 4.0
-# A pipeline under FSDP2: torch's schedules run every micro-batch's backward without resharding or
-# reducing (set_reshard_after_backward(False), set_requires_gradient_sync(False)) and reduce after
-# the last one, so from the first backward on a stage keeps its parameters gathered (bf16, 2 bytes
-# per parameter) and its gradients unsharded (fp32, 4): beside one micro-batch's activations in the
-# last backward (on the last stage with its logits' fp32 and bf16 gradients, 6 bytes per logit), and
-# beside the sharded gradients and one layer's fp32 buffer in the reduction. Measured on 10 layouts
-# at d 1536-5120, pp 2 x FSDP 2-4, dense and MoE (layouts.WIDE): without this peak the formula read
-# 0.62-0.83 of the measured step on 7 of them; with it, 0.96-1.09.
-PP_UNSHARDED_BYTES, PP_LOGITS_GRAD_BYTES = 6.0, 6.0
+MLP_REF_NONE, MLP_REF_SELECTIVE = 23.5, 12.8
 # Logits peak: bf16 logits, their fp32 upcast, log-softmax and its gradient: 12 s b V bytes
 # measured (3x Korthikanti's 4 s b V).
 LOGITS_BYTES = 12.0
@@ -152,6 +148,10 @@ LOGITS_BYTES_PIPELINE = 15.0
 # outweigh its bucket (an earlier 6, fitted on 40-60M models whose peak is the bucket, was wrong).
 LOGITS_BYTES_DEEPSPEED = 12.5
 TP_LOGITS_BYTES, TP_LOGITS_BYTES_SPLIT = 8.5, 6.0
+# GPipe's last stage runs every micro-batch's forward (and loss) before any backward: each keeps its
+# fp32 logits for the loss's backward (measured at d 1536, V 64k, 4 micro-batches: without this the
+# formula read 0.79).
+GPIPE_SAVED_LOGIT_BYTES = 4.0
 
 
 def logits_bytes(layout: Layout) -> float:
@@ -166,7 +166,8 @@ def logits_bytes(layout: Layout) -> float:
 
 
 def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, tp: int,
-                               sequence_parallel: bool, checkpoint: str, flash: bool = True) -> float:
+                               sequence_parallel: bool, checkpoint: str, flash: bool = True,
+                               grouped_experts: bool = True) -> float:
     """Korthikanti et al. 2022, Table 2's structure with kiln's measured constants (ACT_*): the
     terms TP shards (all with sequence parallelism) divide by t; without SP, the 10/34 of the
     stored bytes that are layer inputs and norms stay replicated. Without flash attention the
@@ -183,20 +184,23 @@ def activation_bytes_per_layer(m: ModelConfig, seq_len: int, micro_batch: int, t
     else:
         per = base * (10 / 34) + base * (24 / 34) / t
     if m.moe is not None:
-        per += moe_layer_extra_bytes(m, t, checkpoint) * m.n_moe_layers / m.n_layers
+        per += moe_layer_extra_bytes(m, t, checkpoint, grouped_experts) * m.n_moe_layers / m.n_layers
     return sbh * (per + (0.0 if checkpoint == "selective" else scores))
 
 
-def moe_layer_extra_bytes(m: ModelConfig, tp: int, checkpoint: str) -> float:
+def moe_layer_extra_bytes(m: ModelConfig, tp: int, checkpoint: str, grouped: bool = True) -> float:
     """Bytes per s*b*h a MoE layer saves beyond a dense one (see MOE_ROUTER); 0 under full
-    recomputation, which keeps only the layer's input either way."""
+    recomputation, which keeps only the layer's input either way. `grouped`: the experts run as
+    torch._grouped_mm (see Layout.grouped_experts)."""
     if checkpoint == "full":
         return 0.0
     f = m.ffn_hidden / m.d_model
-    mlp = 2 + (4 if checkpoint == "selective" else 8) * f
-    shared = (m.moe.shared_experts - 1) * mlp / tp  # the shared experts in place of the dense MLP
-    if checkpoint == "selective":
-        return shared
+    selective = checkpoint == "selective"
+    mlp = 2 + (4 if selective else 8) * f
+    # the shared experts in place of the dense MLP the ACT_* constants include
+    shared = (m.moe.shared_experts * mlp - (MLP_REF_SELECTIVE if selective else MLP_REF_NONE)) / tp
+    if selective:
+        return shared + (0.0 if grouped else m.moe.top_k * (mlp + MOE_DISPATCH))
     return shared + MOE_ROUTER + m.moe.top_k * (mlp + MOE_DISPATCH)
 
 
@@ -235,7 +239,7 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     ring_stored, ring_transient = ring_attention_bytes(m, seq_len, b, t, cp)
     seq_len = seq_len // cp
     per_layer = activation_bytes_per_layer(m, seq_len, b, t, layout.sequence_parallel,
-                                           layout.activation_checkpoint, flash or cp > 1)
+                                           layout.activation_checkpoint, flash or cp > 1, layout.grouped_experts)
     if layout.activation_checkpoint != "full":  # full recompute keeps only each layer's input
         per_layer += ring_stored
     layers = math.ceil(m.n_layers / layout.pp)
@@ -258,6 +262,8 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
         if native:  # 1F1B's last stage makes the output layer's fp32 gradient beside the logits
             logits += 4 * m.vocab_size * m.d_model / t
         last = layers * per_layer * (in_flight if layout.schedule == "gpipe" else 1) + recompute
+        if layout.schedule == "gpipe":  # each earlier micro-batch's loss keeps its fp32 logits for backward
+            logits += GPIPE_SAVED_LOGIT_BYTES * (in_flight - 1) * seq_len * b * m.vocab_size / t
         if activations >= last + logits:
             logits = 0.0
         else:
@@ -293,11 +299,9 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
     if native:
         at_loss = sum(terms.values()) - (0.0 if holds_grads else grads)
         peaks = [at_loss, end_of_backward_bytes(m, layout, weights, grads, optimizer, activations)]
-        if layout.pp > 1 and shard > 1:  # see PP_UNSHARDED_BYTES
-            last_backward = (layers * per_layer + recompute + (grads if layout.grad_accum > 1 else 0.0)
-                             + PP_LOGITS_GRAD_BYTES * seq_len * b * m.vocab_size / t)
-            reduce = grads + 4 * layer_matrix_params(m, t, None if m.moe is None else 1.0)
-            peaks.append(weights + optimizer + PP_UNSHARDED_BYTES * p + max(last_backward, reduce))
+        if layout.pp > 1 and shard > 1:
+            peaks.append(pipeline_fsdp_peak(m, layout, p, weights, grads, optimizer,
+                                            layers * per_layer, in_flight, recompute, seq_len * b))
         if m.moe is not None and layout.pp == 1 and shard > 1:
             held = weights + optimizer + activations + (grads if holds_grads else 0.0)
             peaks.append(moe_backward_start_bytes(m, layout, held))
@@ -308,7 +312,7 @@ def memory_breakdown(m: ModelConfig, seq_len: int, layout: Layout, grad_bytes: i
 
 
 # The formula against `kiln estimate --measure` (bench/planner_memory.py: 400 seeded layouts; the
-# 8B-width layouts and the 21 at d 1024-5120 of layouts.WIDE): its lowest reading on a dense
+# 8B-width layouts and the 25 at d 1024-5120 of layouts.WIDE): its lowest reading on a dense
 # model was 0.962 of the measured peak. A layout fits when its total with this margin is within the
 # usable memory, so the formula does not say "fits" where the measured step does not. It reads high
 # by up to 20-33% on a few layouts (ZeRO-3, TP x PP with short sequences, small MoE models under
